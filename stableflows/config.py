@@ -1,0 +1,174 @@
+"""Frozen configuration dataclasses. The CLI maps onto their fields; every checkpoint stores them.
+
+A run is described by :class:`RunConfig` = model + data + train sections. A config file (TOML or
+YAML) has the same three sections::
+
+    [model]
+    model = "glow"
+    hidden = 64
+    [data]
+    name = "digits"
+    [train]
+    steps = 2000
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .transforms.base import StableflowsError
+
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "ConfigError", "load_config"]
+
+
+class ConfigError(StableflowsError, ValueError):
+    """An unknown option, a value of the wrong type, or an unreadable config file."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Each factory in :mod:`stableflows.models` reads the fields it accepts."""
+
+    model: str = "glow"  # glow | realnvp | nice | cv_glow | resflow | iresnet | ...
+    hidden: int = 64  # width of conditioner / residual-block hidden layers
+    levels: int = 2  # multi-scale levels (images)
+    steps_per_level: int = 4  # flow steps (or residual blocks) per level
+    coupling: str = "affine"  # affine | additive
+    scale: str = "sigmoid"  # exp | sigmoid | biased_sigmoid | bounded | tanh_clamp | atan_clamp
+    permutation: str = "lu"  # lu | conv1x1 | reverse | shuffle
+    mask: str = "channel"  # channel | checkerboard
+    logit_alpha: float = 0.05  # logit pre-transform alpha (0 disables it)
+    split_prior: bool = True  # Glow's learned conditional prior for factored-out channels
+    actnorm: bool = True
+    # residual flows
+    coeff: float = 0.98  # Lipschitz coefficient c of spectral normalisation
+    activation: str = "lipswish"  # lipswish | elu | softplus
+    estimator: str = "roulette"  # exact | series | roulette
+    n_exact_terms: int = 2
+    n_series_terms: int = 5  # truncated series length (i-ResNet)
+    n_power_iter: int = 5
+    neumann_grad: bool = True
+    grad_in_forward: bool = True
+    fc_blocks: int = 0
+    factor_out: bool = False
+    norm: str = "spectral"  # spectral | inf (induced infinity-norm)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | svhn | moons | checkerboard ...
+    data_dir: str | None = None  # directory of local dataset files (never downloaded)
+    flatten: bool = False  # images as vectors (B, D) instead of (B, C, H, W)
+    val_size: float = 0.1  # fraction of the training split held out for validation
+    n_toy: int = 20000  # samples of a 2-D toy density
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    time_budget: float | None = None  # seconds of training; stops at whichever comes first
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # decoupled (AdamW)
+    warmup: int = 100  # linear learning-rate warm-up steps
+    grad_clip: float = 50.0  # gradient-norm clipping (0 disables)
+    ema_decay: float = 0.999  # Polyak average of the weights used for evaluation (0 disables)
+    eval_every: int = 200
+    seed: int = 0
+    out_dir: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch.set_num_threads
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a mapping with sections model/data/train, got {type(d).__name__}")
+        unknown = set(d) - {"model", "data", "train"}
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; expected model, data, train")
+        return cls(
+            model=_section(ModelConfig, d.get("model", {}), "model"),
+            data=_section(DataConfig, d.get("data", {}), "data"),
+            train=_section(TrainConfig, d.get("train", {}), "train"),
+        )
+
+    def replace(self, section: str, **changes: Any) -> "RunConfig":
+        """A copy with fields of one section changed (fields are checked)."""
+        cur = getattr(self, section)
+        return dataclasses.replace(self, **{section: _section(type(cur), {**dataclasses.asdict(cur), **changes}, section)})
+
+
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"option {name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"option {name} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"option {name} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"option {name} must be a string, got {value!r}")
+    return value
+
+
+def _section(cls, values: dict[str, Any], section: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section [{section}] must be a mapping")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {sorted(unknown)} in section [{section}]; known: {sorted(known)}"
+        )
+    defaults = cls()
+    out = {k: _coerce(v, getattr(defaults, k), f"{section}.{k}") for k, v in values.items()}
+    return cls(**out)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) config file into a :class:`RunConfig`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            d = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {p} must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"cannot parse config file {p}: {e}") from e
+    except Exception as e:  # yaml.YAMLError
+        raise ConfigError(f"cannot parse config file {p}: {e}") from e
+    return RunConfig.from_dict(d)

@@ -1,0 +1,1 @@
+"""Model factories: keyword-only arguments, each returns a ready Flow."""

@@ -1,0 +1,94 @@
+"""A normalizing flow: a :class:`~stableflows.transforms.base.Transform` on top of a standard normal.
+
+    log p(x) = log N(F(x); 0, I) + log|det dF/dx|
+
+Sampling draws ``z ~ N(0, T^2 I)`` at temperature ``T`` and returns ``F^-1(z)`` (Glow, Kingma &
+Dhariwal 2018, sec. 5: reduced-temperature sampling).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..transforms.base import LOG_2PI, Transform, check_finite, check_shape, sum_except_batch
+
+__all__ = ["Flow", "standard_normal_log_prob"]
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """``log N(z; 0, I)`` summed over every non-batch dimension, shape ``(B,)``."""
+    return -0.5 * sum_except_batch(z.pow(2)) - 0.5 * z[0].numel() * LOG_2PI
+
+
+class Flow(nn.Module):
+    """Transform + standard-normal base distribution; follows the layer contract too.
+
+    Args:
+        transform: the bijection data -> latent.
+        shape: event shape of the data, e.g. ``(1, 8, 8)`` or ``(64,)``.
+        latent_shape: event shape of ``transform(x)[0]`` (defaults to ``shape``).
+        config: the :class:`~stableflows.config.ModelConfig` it was built from, or None.
+    """
+
+    def __init__(self, transform: Transform, shape: Sequence[int], latent_shape: Sequence[int] | None = None,
+                 config=None):
+        super().__init__()
+        self.transform = transform
+        self.shape = tuple(int(s) for s in shape)
+        self.latent_shape = tuple(int(s) for s in (latent_shape if latent_shape is not None else shape))
+        if math.prod(self.shape) != math.prod(self.latent_shape):
+            raise ValueError(f"latent shape {self.latent_shape} has another size than data shape {self.shape}")
+        self.config = config
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.transform(x)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse(z)
+
+    def check_input(self, x: Tensor, what: str = "input") -> None:
+        """Raise a named error for a wrong shape, a non-float dtype or NaN/inf entries."""
+        check_finite(x, what)
+        check_shape(x, self.shape, what)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x)`` per example, shape ``(B,)``."""
+        self.check_input(x)
+        z, logdet = self.transform(x)
+        return standard_normal_log_prob(z) + logdet
+
+    def log_prob_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(log p(z), log|det dz/dx|)`` per example; their sum is ``log_prob(x)``."""
+        self.check_input(x)
+        z, logdet = self.transform(x)
+        return standard_normal_log_prob(z), logdet
+
+    def _param(self) -> Tensor:
+        for t in list(self.parameters()) + list(self.buffers()):
+            if torch.is_floating_point(t):
+                return t
+        return torch.zeros(())
+
+    @torch.no_grad()
+    def sample_latent(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        if n < 1:
+            raise ValueError(f"number of samples must be >= 1, got {n}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        p = self._param()
+        z = torch.randn((n, *self.latent_shape), generator=generator, dtype=p.dtype,
+                        device=p.device if generator is None else generator.device)
+        return (z * temperature).to(p.device)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` samples ``F^-1(z)``, ``z ~ N(0, temperature^2 I)``; shape ``(n, *shape)``."""
+        x, _ = self.transform.inverse(self.sample_latent(n, temperature, generator))
+        return x
