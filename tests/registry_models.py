@@ -1,0 +1,40 @@
+"""Conformance entries for the multi-scale structure and every model factory (tiny sizes)."""
+import torch
+
+from registry import Entry
+from stableflows.models import cv_glow, glow, nice, realnvp
+from stableflows.transforms.multiscale import ElementwiseAffine, Flatten, MultiScale, SplitPrior
+from stableflows.transforms.base import Compose, Identity
+
+
+def _multiscale():
+    prior = SplitPrior((4, 2, 2))
+    inner = Compose(ElementwiseAffine((2, 2, 2)), Flatten((2, 2, 2)))
+    return MultiScale(Identity(), prior, inner, (4, 2, 2))
+
+
+IMG = (1, 4, 4)
+ENTRIES = {
+    "flatten": Entry(build=lambda: Flatten((2, 3, 2)), shape=(2, 3, 2)),
+    "elementwise_affine_img": Entry(build=lambda: ElementwiseAffine((3, 2, 2)), shape=(3, 2, 2)),
+    "elementwise_affine_vec": Entry(build=lambda: ElementwiseAffine((5,)), shape=(5,)),
+    "split_prior": Entry(build=lambda: SplitPrior((4, 3, 3)), shape=(4, 3, 3)),
+    "split_prior_odd": Entry(build=lambda: SplitPrior((3, 2, 2)), shape=(3, 2, 2)),
+    "multiscale": Entry(build=_multiscale, shape=(4, 2, 2)),
+    "glow_img_affine": Entry(build=lambda: glow(shape=IMG, levels=2, steps_per_level=2, hidden=8), shape=IMG,
+                             domain="unit", gradcheck=False),
+    "glow_img_additive_shuffle": Entry(
+        build=lambda: glow(shape=IMG, levels=1, steps_per_level=2, hidden=8, coupling="additive",
+                           permutation="shuffle", logit_alpha=0.0), shape=IMG, domain="unit", gradcheck=False),
+    "glow_vec": Entry(build=lambda: glow(shape=(6,), levels=1, steps_per_level=3, hidden=8, scale="tanh_clamp"),
+                      shape=(6,), domain="unit"),
+    "realnvp_img": Entry(build=lambda: realnvp(shape=IMG, levels=2, steps_per_level=2, hidden=8), shape=IMG,
+                         domain="unit", gradcheck=False),
+    "realnvp_vec": Entry(build=lambda: realnvp(shape=(5,), levels=1, steps_per_level=3, hidden=8), shape=(5,),
+                         domain="unit"),
+    "nice_vec": Entry(build=lambda: nice(shape=(6,), steps_per_level=4, hidden=8), shape=(6,), domain="unit"),
+    "nice_img": Entry(build=lambda: nice(shape=(1, 4, 4), steps_per_level=2, hidden=8, mask="checkerboard"),
+                      shape=(1, 4, 4), domain="unit", gradcheck=False),
+    "cv_glow_img": Entry(build=lambda: cv_glow(shape=IMG, levels=2, steps_per_level=2, hidden=8), shape=IMG,
+                         domain="unit", gradcheck=False),
+}
