@@ -1,0 +1,461 @@
+"""The training loop: maximum likelihood (or any :class:`Objective`) with AdamW, warm-up,
+gradient clipping, an EMA of the weights, validation-based selection and exact resumption.
+
+Per step: a batch from an epoch permutation (``sample`` generator), fresh dequantisation noise
+(``noise`` generator), ``loss.backward()``, clip the gradient norm, AdamW step with learning rate
+``lr * min(1, (t + 1) / warmup)``, EMA update. Every ``eval_every`` steps and at the end the EMA
+weights are evaluated on the validation split with fixed noise (seed 0); the best by validation
+metric are written to ``best.pt``, the whole state to ``last.pt``. The test split is evaluated
+once, with the selected weights, at the end (never used for selection).
+
+Reproducibility: model initialisation uses ``torch.manual_seed(seed)``; batch order and noise come
+from two dedicated generators; the global RNG state, both generator states and the current epoch
+permutation are stored in ``last.pt``, and evaluation never touches the training random streams,
+so ``train(resume=True)`` follows exactly the trajectory of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError, RunConfig
+from ..metrics import check_levels
+from ..transforms.base import ShapeError, StableflowsError, check_finite, check_shape
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .ema import EMA
+from .evaluate import EVAL_SEED, evaluate, finite_or_none, frozen_rng, metric_name
+from .objectives import Batch, MaximumLikelihood, Objective
+from .plots import write_figures
+
+__all__ = ["train", "TrainResult", "TrainingDiverged", "validate_config", "resolve_device",
+           "MAX_CONSECUTIVE_NONFINITE", "INIT_BATCH"]
+
+MAX_CONSECUTIVE_NONFINITE = 20  # abort after this many non-finite steps in a row
+INIT_BATCH = 512  # examples of the data-dependent (ActNorm) initialisation forward pass
+PROGRESS_EVERY = 10  # steps between progress-bar refreshes
+SEED_OFFSETS = {"sample": 1, "noise": 2, "init": 3}  # dedicated generators: seed + offset
+# train fields that change the trajectory: a resumed run must keep them
+TRAJECTORY_FIELDS = ("batch_size", "lr", "weight_decay", "warmup", "grad_clip", "ema_decay", "seed")
+Callback = Callable[[str, dict], None]
+
+
+class TrainingDiverged(StableflowsError, RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    """Summary of a run. ``metric`` is ``"bpd"`` (discrete data) or ``"nll"`` (nats, continuous)."""
+
+    metric: str
+    best_val: float  # validation metric of the selected (EMA) weights; nan if never finite
+    best_step: int | None
+    test: float  # test metric of the selected weights, fixed noise (seed 0)
+    steps: int
+    train_time: float  # seconds spent in training steps (all sessions of a resumed run)
+    eval_time: float  # seconds spent evaluating and checkpointing
+    steps_per_s: float  # training steps per second of this session
+    peak_rss_mb: float
+    nonfinite_steps: int
+    out_dir: str
+    n_params: int = 0
+    history: list = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def test_bpd(self) -> float | None:
+        return self.test if self.metric == "bpd" else None
+
+    def summary(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("history")
+        return {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------- checks
+def validate_config(cfg: RunConfig) -> None:
+    """Raise :class:`ConfigError` listing every out-of-range training/data option."""
+    t, d = cfg.train, cfg.data
+    problems = []
+    rules = [
+        (t.steps >= 0, f"train.steps must be >= 0, got {t.steps}"),
+        (t.time_budget is None or t.time_budget > 0, f"train.time_budget must be > 0 seconds, got {t.time_budget}"),
+        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (math.isfinite(t.lr) and t.lr > 0, f"train.lr must be a positive number, got {t.lr}"),
+        (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
+        (t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}"),
+        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}"),
+        (0 <= t.ema_decay < 1, f"train.ema_decay must lie in [0, 1), got {t.ema_decay}"),
+        (t.eval_every >= 1, f"train.eval_every must be >= 1, got {t.eval_every}"),
+        (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+         f"train.device must be auto, cpu or cuda[:i], got {t.device!r}"),
+        (t.threads is None or t.threads >= 1, f"train.threads must be >= 1, got {t.threads}"),
+        (bool(t.out_dir), "train.out_dir must not be empty"),
+        (0 < d.val_size < 1, f"data.val_size must lie in (0, 1), got {d.val_size}"),
+    ]
+    problems = [msg for ok, msg in rules if not ok]
+    if problems:
+        raise ConfigError("invalid options: " + "; ".join(problems))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
+    return torch.device(name)
+
+
+def _check_splits(splits, cfg: RunConfig) -> None:
+    """Bad data gets a named error before any training."""
+    for part in ("train", "val", "test"):
+        x = getattr(splits, part)
+        what = f"{splits.name} {part} split"
+        check_finite(x, what)
+        check_shape(x, splits.shape, what)
+        if splits.levels is not None:
+            check_levels(x, splits.levels, what)
+    if splits.train.shape[0] < cfg.train.batch_size:
+        raise ConfigError(f"batch size {cfg.train.batch_size} exceeds the {splits.train.shape[0]} "
+                          f"training examples of {splits.name}")
+
+
+def _check_resumable(saved: dict, cfg: RunConfig, path: Path) -> None:
+    try:
+        old = RunConfig.from_dict(saved)
+    except ConfigError as e:
+        raise CheckpointError(f"stored config is unreadable: {e}", path) from e
+    diffs = []
+    for section in ("model", "data"):
+        a, b = dataclasses.asdict(getattr(old, section)), dataclasses.asdict(getattr(cfg, section))
+        diffs += [f"{section}.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and k != "data_dir"]
+    a, b = dataclasses.asdict(old.train), dataclasses.asdict(cfg.train)
+    diffs += [f"train.{k}: {a[k]!r} -> {b[k]!r}" for k in TRAJECTORY_FIELDS if a[k] != b[k]]
+    if diffs:
+        raise ConfigError(f"cannot resume {path}: options that change the run differ from the checkpoint "
+                          f"({'; '.join(diffs)}); only steps, time_budget, eval_every, device, threads, "
+                          "progress and data_dir may change")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+def _progress_enabled(cfg: RunConfig) -> bool:
+    return cfg.train.progress and sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def _json_line(record: dict) -> str:
+    return json.dumps({k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()})
+
+
+# ----------------------------------------------------------------------------- trainer
+class _Trainer:
+    def __init__(self, cfg: RunConfig, model: nn.Module, splits, objective: Objective,
+                 callbacks: Sequence[Callback], device: torch.device):
+        self.cfg, self.t = cfg, cfg.train
+        self.model, self.splits, self.objective = model, splits, objective
+        self.callbacks = list(callbacks)
+        self.device = device
+        self.out = Path(cfg.train.out_dir)
+        self.levels = splits.levels
+        self.metric = metric_name(splits.levels)
+        self.train_x = splits.train.to(device)
+        self.train_y = splits.y_train.to(device) if getattr(splits, "y_train", None) is not None else None
+        seed = cfg.train.seed
+        self.gens = {k: torch.Generator().manual_seed(seed + off) for k, off in SEED_OFFSETS.items()}
+        self.perm: Tensor | None = None
+        self.pos = 0
+        self.step = 0
+        self.train_time = self.eval_time = 0.0
+        self.best_val, self.best_step = math.inf, None
+        self.history: list[dict] = []
+        self.accum: dict[str, float] = {}
+        self.nonfinite_total = self.nonfinite_run = 0
+        self.last_eval_step = -1
+
+        self._data_dependent_init()
+        self.ema = EMA(model, self.t.ema_decay) if self.t.ema_decay > 0 else None
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
+
+    # -------------------------------------------------------------- state
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _data_dependent_init(self) -> None:
+        """One forward pass in train mode on up to INIT_BATCH examples (ActNorm initialisation)."""
+        g = self.gens["init"]
+        n = self.train_x.shape[0]
+        idx = torch.randperm(n, generator=g)[:INIT_BATCH].to(self.device)
+        x = self._model_space(self.train_x[idx], g)
+        self.model.train()
+        with torch.no_grad(), frozen_rng(self.device):
+            self.model.log_prob(x)
+
+    def _model_space(self, raw: Tensor, gen: torch.Generator) -> Tensor:
+        if self.levels is None:
+            return raw
+        u = torch.rand(raw.shape, generator=gen, dtype=raw.dtype).to(raw.device)
+        return (raw + u) / self.levels  # v = (x + u) / L
+
+    def state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in self.gens.items()}}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "kind": "last", "config": self.cfg.to_dict(), "shape": list(self.splits.shape),
+            "levels": self.levels, "data": self.splits.name, "metric": self.metric,
+            "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(), "step": self.step,
+            "best_val": self.best_val, "best_step": self.best_step,
+            "train_time": self.train_time, "eval_time": self.eval_time, "rng": rng,
+            "sampler": {"perm": self.perm, "pos": self.pos}, "history": self.history,
+            "accum": dict(self.accum), "nonfinite": [self.nonfinite_total, self.nonfinite_run],
+            "last_eval_step": self.last_eval_step,
+        }
+
+    def load_state(self, s: dict[str, Any]) -> None:
+        self.model.load_state_dict(s["model"])
+        if self.ema is not None:
+            if not s.get("ema"):
+                raise CheckpointError("checkpoint has no EMA state but ema_decay > 0", self.out / "last.pt")
+            self.ema.load_state_dict(s["ema"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.step = int(s["step"])
+        self.best_val, self.best_step = float(s["best_val"]), s["best_step"]
+        self.train_time, self.eval_time = float(s["train_time"]), float(s["eval_time"])
+        torch.set_rng_state(s["rng"]["torch"])
+        if "cuda" in s["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(s["rng"]["cuda"], self.device)
+        for k, g in self.gens.items():
+            g.set_state(s["rng"][k])
+        self.perm, self.pos = s["sampler"]["perm"], int(s["sampler"]["pos"])
+        self.history = list(s["history"])
+        self.accum = dict(s["accum"])
+        self.nonfinite_total, self.nonfinite_run = (int(v) for v in s["nonfinite"])
+        self.last_eval_step = int(s["last_eval_step"])
+
+    # -------------------------------------------------------------- steps
+    def _next_indices(self) -> Tensor:
+        b, n = self.t.batch_size, self.train_x.shape[0]
+        if self.perm is None or self.pos + b > n:  # new epoch (the incomplete tail is dropped)
+            self.perm, self.pos = torch.randperm(n, generator=self.gens["sample"]), 0
+        idx = self.perm[self.pos:self.pos + b]
+        self.pos += b
+        return idx.to(self.device)
+
+    def lr(self) -> float:
+        w = self.t.warmup
+        return self.t.lr * min(1.0, (self.step + 1) / w) if w > 0 else self.t.lr
+
+    def train_step(self) -> None:
+        idx = self._next_indices()
+        raw = self.train_x[idx]  # (B, *shape)
+        batch = Batch(x=self._model_space(raw, self.gens["noise"]), raw=raw,
+                      y=self.train_y[idx] if self.train_y is not None else None, levels=self.levels)
+        lr = self.lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logs = self.objective.loss(self.model, batch)
+        if not bool(torch.isfinite(loss.detach())):
+            return self._nonfinite("loss", float(loss.detach()))
+        loss.backward()
+        max_norm = self.t.grad_clip if self.t.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._nonfinite("grad_norm", grad_norm)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.nonfinite_run = 0
+        for k, v in {"loss": float(loss.detach()), **logs, "grad_norm": grad_norm}.items():
+            self.accum[k] = self.accum.get(k, 0.0) + float(v)
+        self.accum["n"] = self.accum.get("n", 0.0) + 1
+        self.accum["grad_norm_max"] = max(self.accum.get("grad_norm_max", 0.0), grad_norm)
+
+    def _nonfinite(self, what: str, value: float) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        record = {"kind": "nonfinite", "step": self.step + 1, "what": what, "value": str(value),
+                  "consecutive": self.nonfinite_run}
+        self.history.append(record)
+        self._append_jsonl(record)
+        if self.nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
+            raise TrainingDiverged(
+                f"{self.nonfinite_run} consecutive steps had a non-finite {what} (last at step {self.step + 1}, "
+                f"value {value}); lower --lr, raise --warmup, set --grad-clip, or use a bounded --scale. "
+                f"The last good checkpoint is {self.out / 'last.pt'}")
+
+    def running_metric(self) -> float | None:
+        n = self.accum.get("n", 0.0)
+        return self.accum.get(self.metric, self.accum.get("loss", math.nan)) / n if n else None
+
+    # -------------------------------------------------------------- evaluation
+    def evaluate_and_checkpoint(self, session_rate: float) -> dict:
+        t0 = time.perf_counter()
+        val = evaluate(self.eval_model, self.splits.val, self.levels)
+        n = self.accum.pop("n", 0.0)
+        gmax = self.accum.pop("grad_norm_max", None)
+        record: dict[str, Any] = {"kind": "eval", "step": self.step}
+        for k, v in self.accum.items():
+            record[k if k in ("loss", "grad_norm") else f"train_{k}"] = v / n if n else None
+        record.update({f"val_{self.metric}": val, "grad_norm_max": gmax, "lr": self.lr(),
+                       "nonfinite_steps": self.nonfinite_total, "time": self.train_time,
+                       "steps_per_s": session_rate})
+        self.accum = {}
+        if math.isfinite(val) and val < self.best_val:
+            self.best_val, self.best_step = val, self.step
+            save_checkpoint(self.out / "best.pt", {
+                "kind": "best", "config": self.cfg.to_dict(), "shape": list(self.splits.shape),
+                "levels": self.levels, "data": self.splits.name, "metric": self.metric,
+                "model": self.eval_model.state_dict(), "step": self.step, "val": val})
+        self.last_eval_step = self.step
+        self.eval_time += time.perf_counter() - t0
+        record["eval_time"] = self.eval_time
+        self.history.append(record)
+        self._append_jsonl(record)
+        save_checkpoint(self.out / "last.pt", self.state())
+        for cb in self.callbacks:
+            cb("eval", record)
+        return record
+
+    def _append_jsonl(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(_json_line(record) + "\n")
+
+    def rewrite_jsonl(self) -> None:
+        atomic_write_text(self.out / "metrics.jsonl", "".join(_json_line(r) + "\n" for r in self.history))
+
+
+# ----------------------------------------------------------------------------- entry point
+def train(cfg: RunConfig, *, resume: bool = False, model: nn.Module | None = None, splits=None,
+          objective: Objective | None = None, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``; outputs go to ``cfg.train.out_dir``.
+
+    Args:
+        cfg: the run configuration.
+        resume: continue from ``out_dir/last.pt`` (same trajectory as an uninterrupted run).
+        model: a flow to train instead of ``build_model(cfg.model, shape)`` (its shape must match).
+        splits: data splits instead of ``load_dataset(cfg.data, seed)``.
+        objective: defaults to :class:`MaximumLikelihood`.
+        callbacks: ``cb(event, record)`` called after every evaluation (``"eval"``) and at the end (``"end"``).
+
+    Writes ``metrics.jsonl`` (one record per evaluation, non-finite step and the final test),
+    ``metrics.json`` (summary), ``best.pt``, ``last.pt``, ``samples.png`` and ``curve.png``.
+    Raises :class:`ConfigError` / data errors before any training, :class:`TrainingDiverged` after
+    ``MAX_CONSECUTIVE_NONFINITE`` non-finite steps in a row.
+    """
+    validate_config(cfg)
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    out = Path(cfg.train.out_dir)
+    saved = None
+    if resume:
+        saved = load_checkpoint(out / "last.pt")
+        _check_resumable(saved.get("config"), cfg, out / "last.pt")
+    if splits is None:
+        from ..data import load_dataset
+
+        splits = load_dataset(cfg.data, seed=cfg.train.seed)
+    _check_splits(splits, cfg)
+    torch.manual_seed(cfg.train.seed)
+    if model is None:
+        from ..models.registry import build_model
+
+        model = build_model(cfg.model, tuple(splits.shape))
+    if tuple(getattr(model, "shape", splits.shape)) != tuple(splits.shape):
+        raise ShapeError(f"model event shape {tuple(model.shape)} does not match data shape {tuple(splits.shape)}")
+    model.to(device)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tr = _Trainer(cfg, model, splits, objective or MaximumLikelihood(), callbacks, device)
+    if saved is not None:
+        tr.load_state(saved)
+        tr.rewrite_jsonl()  # drop records written after the checkpoint
+    else:
+        for stale in ("metrics.jsonl", "best.pt", "last.pt"):
+            (out / stale).unlink(missing_ok=True)
+    return _run(tr)
+
+
+def _run(tr: _Trainer) -> TrainResult:
+    t = tr.t
+    session_steps, session_time = 0, 0.0
+
+    def rate() -> float:
+        return session_steps / session_time if session_time > 0 else 0.0
+
+    def done() -> bool:
+        return tr.step >= t.steps or (t.time_budget is not None and tr.train_time >= t.time_budget)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=t.steps, initial=tr.step, disable=not _progress_enabled(tr.cfg), desc="train",
+               dynamic_ncols=True, leave=True)
+    try:
+        while not done():
+            t0 = time.perf_counter()
+            tr.train_step()
+            if tr.device.type == "cuda":
+                torch.cuda.synchronize(tr.device)
+            dt = time.perf_counter() - t0
+            tr.train_time += dt
+            session_time += dt
+            tr.step += 1
+            session_steps += 1
+            bar.update(1)
+            if tr.step % PROGRESS_EVERY == 0 and (m := tr.running_metric()) is not None:
+                bar.set_postfix_str(f"train {tr.metric} {m:.3f}")
+            if tr.step % t.eval_every == 0:
+                rec = tr.evaluate_and_checkpoint(rate())
+                bar.set_postfix_str(f"val {tr.metric} {rec[f'val_{tr.metric}']:.3f}")
+        if tr.last_eval_step != tr.step:
+            tr.evaluate_and_checkpoint(rate())
+    finally:
+        bar.close()
+    return _finish(tr, rate())
+
+
+def _finish(tr: _Trainer, rate: float) -> TrainResult:
+    t0 = time.perf_counter()
+    best = tr.eval_model
+    if (tr.out / "best.pt").is_file() and tr.best_step is not None:
+        best = copy.deepcopy(tr.eval_model)
+        best.load_state_dict(load_checkpoint(tr.out / "best.pt")["model"])
+    test = evaluate(best, tr.splits.test, tr.levels)
+    tr.eval_time += time.perf_counter() - t0
+    record = {"kind": "test", "step": tr.best_step, f"test_{tr.metric}": test,
+              "selected": "best" if tr.best_step is not None else "last"}
+    tr._append_jsonl(record)
+    n_params = sum(p.numel() for p in tr.model.parameters())
+    result = TrainResult(
+        metric=tr.metric, best_val=tr.best_val if tr.best_step is not None else math.nan,
+        best_step=tr.best_step, test=test, steps=tr.step, train_time=tr.train_time, eval_time=tr.eval_time,
+        steps_per_s=rate, peak_rss_mb=peak_rss_mb(), nonfinite_steps=tr.nonfinite_total, out_dir=str(tr.out),
+        n_params=n_params, history=tr.history + [record])
+    figures = write_figures(tr.out, best, tr.splits, tr.history, tr.metric, test=test, best_step=tr.best_step)
+    summary = {**result.summary(), "data": tr.splits.name, "shape": list(tr.splits.shape), "levels": tr.levels,
+               "device": str(tr.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "eval_seed": EVAL_SEED, "figures": figures, "config": tr.cfg.to_dict()}
+    atomic_write_text(tr.out / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    for cb in tr.callbacks:
+        cb("end", summary)
+    return result
