@@ -1,0 +1,231 @@
+"""Readers of local dataset files in their standard formats. Nothing is ever downloaded.
+
+========================  =====================================================  ====================
+dataset                   files (searched in the first folder that holds all)    folders searched
+========================  =====================================================  ====================
+``mnist``                 ``train-images-idx3-ubyte``, ``train-labels-idx1-     ``DIR/mnist``,
+                          ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-   ``DIR/MNIST/raw``,
+                          idx1-ubyte`` (each optionally ``.gz``)                 ``DIR``
+``fashion-mnist``         the same IDX names                                     ``DIR/fashion-mnist``,
+                                                                                 ``DIR/FashionMNIST/raw``, ``DIR``
+``cifar10``               ``data_batch_1`` .. ``data_batch_5``, ``test_batch``   ``DIR/cifar-10-batches-py``, ``DIR``
+``svhn``                  ``train_32x32.mat``, ``test_32x32.mat``                ``DIR/svhn``, ``DIR``
+========================  =====================================================  ====================
+
+``DIR`` is ``DataConfig.data_dir``. All four are 8-bit images (``levels = 256``) returned as
+``(N, C, H, W)`` integer levels with labels 0..9 (SVHN's label 10 is digit 0).
+
+IDX (LeCun et al.): two zero bytes, a type byte (0x08 = unsigned byte), the number of dimensions
+``d``, then ``d`` big-endian uint32 sizes, then the data in C order. CIFAR-10 batches are pickled
+dicts ``{data: uint8 (N, 3072), labels: [int]}`` read with :func:`~.safe_pickle.restricted_load`.
+SVHN ``.mat`` files hold ``X`` ``(32, 32, 3, N)`` uint8 and ``y`` ``(N, 1)`` in 1..10.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DatasetFormatError, DatasetNotFound, UnsafePickleError
+from .safe_pickle import restricted_load
+from .splits import RawData
+
+__all__ = ["read_idx", "load_mnist_raw", "load_cifar10_raw", "load_svhn_raw", "find_files", "IDX_DTYPES", "FILE_DATASETS"]
+
+IMAGE_LEVELS = 256  # 8-bit images
+N_CLASSES = 10
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_UBYTE = 0x08
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_HW = (28, 28)
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+CIFAR_SHAPE = (3, 32, 32)
+SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+SVHN_HWC = (32, 32, 3)
+SVHN_ZERO_LABEL = 10  # SVHN writes digit 0 as label 10
+
+SUBDIRS = {
+    "mnist": ("mnist", "MNIST/raw", "."),
+    "fashion-mnist": ("fashion-mnist", "FashionMNIST/raw", "."),
+    "cifar10": ("cifar-10-batches-py", "."),
+    "svhn": ("svhn", "."),
+}
+GZ_OK = {"mnist": True, "fashion-mnist": True, "cifar10": False, "svhn": False}
+
+
+# ----------------------------------------------------------------------------- finding files
+def _candidates(directory: Path, name: str, gz: bool) -> list[Path]:
+    return [directory / name] + ([directory / (name + ".gz")] if gz else [])
+
+
+def find_files(dataset: str, data_dir: str | Path | None, names: tuple[str, ...]) -> dict[str, Path]:
+    """Paths of ``names`` in the first folder of :data:`SUBDIRS` that holds all of them.
+
+    Raises :class:`DatasetNotFound` naming every expected file, the folders searched and what
+    each lacks.
+    """
+    gz = GZ_OK[dataset]
+    expected = ", ".join(names) + (" (each optionally .gz)" if gz else "")
+    hint = "stableflows never downloads data: place the files there and pass their folder as data_dir (--data-dir)."
+    if data_dir is None:
+        raise DatasetNotFound(f"{dataset}: no data_dir given; expected the files {expected}. {hint}")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DatasetNotFound(f"{dataset}: data_dir {root} does not exist or is not a folder; expected the files {expected}. {hint}")
+    missing_by_dir = []
+    for sub in SUBDIRS[dataset]:
+        d = (root / sub) if sub != "." else root
+        found = {n: next((p for p in _candidates(d, n, gz) if p.is_file()), None) for n in names}
+        if all(found.values()):
+            return found  # type: ignore[return-value]
+        lacks = ", ".join(n for n, p in found.items() if p is None)
+        missing_by_dir.append(f"{d} lacks {lacks}" if d.is_dir() else f"{d} (no such folder)")
+    raise DatasetNotFound(f"{dataset}: expected the files {expected} in one folder; searched: {'; '.join(missing_by_dir)}. {hint}")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped if its name ends in ``.gz``."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DatasetFormatError(f"cannot read {path}: corrupt or truncated ({e})") from e
+
+
+# ----------------------------------------------------------------------------- IDX
+def read_idx(path: str | Path) -> np.ndarray:
+    """The array stored in an IDX file (optionally gzipped), checking the magic number and size."""
+    path = Path(path)
+    buf = _read_bytes(path)
+    if len(buf) < 4:
+        raise DatasetFormatError(f"{path}: not an IDX file (only {len(buf)} bytes)")
+    zero, code, ndim = struct.unpack(">HBB", buf[:4])
+    if zero != 0 or code not in IDX_DTYPES or ndim == 0:
+        raise DatasetFormatError(
+            f"{path}: bad IDX magic number 0x{buf[:4].hex()} (expected 0x0000 then a type byte in "
+            f"{[hex(c) for c in IDX_DTYPES]} and a nonzero number of dimensions)"
+        )
+    header = 4 + 4 * ndim
+    if len(buf) < header:
+        raise DatasetFormatError(f"{path}: truncated IDX header ({len(buf)} bytes, need {header})")
+    dims = struct.unpack(f">{ndim}I", buf[4:header])
+    dtype = np.dtype(IDX_DTYPES[code])
+    need = math.prod(dims) * dtype.itemsize
+    have = len(buf) - header
+    if have != need:
+        what = "truncated" if have < need else "has trailing bytes"
+        raise DatasetFormatError(f"{path}: {what}: dims {dims} need {need} data bytes, found {have}")
+    return np.frombuffer(buf, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _idx_images(path: Path) -> np.ndarray:
+    a = read_idx(path)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[1:] != MNIST_HW:
+        raise DatasetFormatError(f"{path}: expected unsigned-byte images (N, 28, 28), got {a.dtype} {a.shape}")
+    return a[:, None]  # (N, 28, 28) -> (N, 1, 28, 28)
+
+
+def _idx_labels(path: Path, n: int, images: Path) -> np.ndarray:
+    a = read_idx(path)
+    if a.dtype != np.uint8 or a.ndim != 1:
+        raise DatasetFormatError(f"{path}: expected unsigned-byte labels (N,), got {a.dtype} {a.shape}")
+    return _check_labels(a, n, path, images)
+
+
+def _check_labels(y: np.ndarray, n: int, path: Path, images: Path) -> np.ndarray:
+    if len(y) != n:
+        raise DatasetFormatError(f"{path}: {len(y)} labels but {images} holds {n} images")
+    if len(y) and (y.min() < 0 or y.max() >= N_CLASSES):
+        raise DatasetFormatError(f"{path}: labels must lie in 0..{N_CLASSES - 1}, found {y.min()}..{y.max()}")
+    return y.astype(np.int64)
+
+
+def load_mnist_raw(data_dir: str | Path | None, dataset: str = "mnist") -> RawData:
+    """MNIST or Fashion-MNIST (``dataset="fashion-mnist"``) from local IDX files."""
+    p = find_files(dataset, data_dir, MNIST_FILES)
+    tr_img, tr_lab, te_img, te_lab = (p[n] for n in MNIST_FILES)
+    x_tr, x_te = _idx_images(tr_img), _idx_images(te_img)
+    y_tr = _idx_labels(tr_lab, len(x_tr), tr_img)
+    y_te = _idx_labels(te_lab, len(x_te), te_img)
+    return RawData(x_tr, y_tr, x_te, y_te, IMAGE_LEVELS)
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        obj = restricted_load(_read_bytes(path))
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f"{path}: {e}") from None
+    except DatasetFormatError:
+        raise
+    except Exception as e:  # truncated or garbled pickle stream
+        raise DatasetFormatError(f"{path}: not a readable CIFAR-10 batch pickle ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise DatasetFormatError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
+    d = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    if "data" not in d or "labels" not in d:
+        raise DatasetFormatError(f"{path}: the batch dict lacks 'data' or 'labels' (keys: {sorted(map(str, d))})")
+    x, n_pix = d["data"], math.prod(CIFAR_SHAPE)
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != n_pix:
+        desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise DatasetFormatError(f"{path}: 'data' must be a uint8 array (N, {n_pix}), got {desc}")
+    labels = d["labels"]
+    if not (isinstance(labels, np.ndarray) or (isinstance(labels, list) and all(type(v) is int for v in labels))):
+        raise DatasetFormatError(f"{path}: 'labels' must be a list of ints")
+    y = _check_labels(np.asarray(labels, dtype=np.int64), len(x), path, path)
+    return x.reshape(len(x), *CIFAR_SHAPE), y  # (N, 3072) -> (N, 3, 32, 32), channel-major rows
+
+
+def load_cifar10_raw(data_dir: str | Path | None) -> RawData:
+    """CIFAR-10 from the python batches ``cifar-10-batches-py/{data_batch_1..5, test_batch}``."""
+    p = find_files("cifar10", data_dir, CIFAR_FILES)
+    train = [_cifar_batch(p[n]) for n in CIFAR_FILES[:-1]]
+    x_te, y_te = _cifar_batch(p["test_batch"])
+    x_tr = np.concatenate([b[0] for b in train])
+    y_tr = np.concatenate([b[1] for b in train])
+    return RawData(x_tr, y_tr, x_te, y_te, IMAGE_LEVELS)
+
+
+# ----------------------------------------------------------------------------- SVHN
+def _svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import scipy.io
+
+    try:
+        m = scipy.io.loadmat(str(path))
+    except NotImplementedError as e:  # MATLAB v7.3 (HDF5) files
+        raise DatasetFormatError(f"{path}: MATLAB v7.3 files are not supported; save as v5 ({e})") from e
+    except Exception as e:  # scipy raises ValueError, MatReadError, TypeError... on garbage
+        raise DatasetFormatError(f"{path}: not a readable .mat file ({type(e).__name__}: {e})") from e
+    if "X" not in m or "y" not in m:
+        raise DatasetFormatError(f"{path}: expected variables 'X' and 'y', found {sorted(k for k in m if not k.startswith('__'))}")
+    X, y = m["X"], np.asarray(m["y"])
+    if X.ndim != 4 or X.shape[:3] != SVHN_HWC or X.dtype != np.uint8:
+        raise DatasetFormatError(f"{path}: 'X' must be uint8 of shape (32, 32, 3, N), got {X.dtype} {X.shape}")
+    y = y.reshape(-1)
+    if len(y) and (not np.all(y == np.round(y)) or y.min() < 1 or y.max() > SVHN_ZERO_LABEL):
+        raise DatasetFormatError(f"{path}: 'y' must hold integer labels 1..10, found {y.min()}..{y.max()}")
+    y = np.where(y == SVHN_ZERO_LABEL, 0, y)
+    y = _check_labels(y.astype(np.int64), X.shape[3], path, path)
+    return np.ascontiguousarray(X.transpose(3, 2, 0, 1)), y  # (H, W, C, N) -> (N, C, H, W)
+
+
+def load_svhn_raw(data_dir: str | Path | None) -> RawData:
+    """SVHN (cropped digits) from ``train_32x32.mat`` and ``test_32x32.mat``."""
+    p = find_files("svhn", data_dir, SVHN_FILES)
+    x_tr, y_tr = _svhn_mat(p["train_32x32.mat"])
+    x_te, y_te = _svhn_mat(p["test_32x32.mat"])
+    return RawData(x_tr, y_tr, x_te, y_te, IMAGE_LEVELS)
+
+
+FILE_DATASETS = {
+    "mnist": lambda d: load_mnist_raw(d, "mnist"),
+    "fashion-mnist": lambda d: load_mnist_raw(d, "fashion-mnist"),
+    "cifar10": load_cifar10_raw,
+    "svhn": load_svhn_raw,
+}
