@@ -75,8 +75,9 @@ def evaluate(model: nn.Module, x: Tensor, levels: int | None, *, batch_size: int
 
 
 def quantize(v: Tensor, levels: int) -> Tensor:
-    """Model-space values in [0, 1) -> integer levels ``floor(v L)`` clamped to [0, L-1] (NaN stays NaN)."""
-    return torch.floor(v * levels).clamp(0, levels - 1)
+    """Model-space values in [0, 1) -> integer levels ``floor(v L)`` clamped to [0, L-1]; non-finite -> NaN."""
+    q = torch.floor(v * levels).clamp(0, levels - 1)
+    return torch.where(torch.isfinite(v), q, torch.full_like(q, math.nan))
 
 
 @torch.no_grad()

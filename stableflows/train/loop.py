@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, RunConfig
 from ..metrics import check_levels
-from ..transforms.base import ShapeError, StableflowsError, check_finite, check_shape
+from ..transforms.base import InputOutsideDomain, ShapeError, StableflowsError, check_finite, check_shape
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .evaluate import EVAL_SEED, evaluate, finite_or_none, frozen_rng, metric_name
@@ -203,8 +203,13 @@ class _Trainer:
         idx = torch.randperm(n, generator=g)[:INIT_BATCH].to(self.device)
         x = self._model_space(self.train_x[idx], g)
         self.model.train()
-        with torch.no_grad(), frozen_rng(self.device):
-            self.model.log_prob(x)
+        try:
+            with torch.no_grad(), frozen_rng(self.device):
+                self.model.log_prob(x)
+        except InputOutsideDomain as e:
+            hint = (" Continuous data (e.g. 2-D toys) are not in [0, 1]: set --logit-alpha 0."
+                    if self.levels is None else "")
+            raise InputOutsideDomain(f"the model rejects the training data of {self.splits.name}: {e}.{hint}") from e
 
     def _model_space(self, raw: Tensor, gen: torch.Generator) -> Tensor:
         if self.levels is None:
@@ -355,7 +360,8 @@ def train(cfg: RunConfig, *, resume: bool = False, model: nn.Module | None = Non
         model: a flow to train instead of ``build_model(cfg.model, shape)`` (its shape must match).
         splits: data splits instead of ``load_dataset(cfg.data, seed)``.
         objective: defaults to :class:`MaximumLikelihood`.
-        callbacks: ``cb(event, record)`` called after every evaluation (``"eval"``) and at the end (``"end"``).
+        callbacks: ``cb(event, record)`` called once set-up is done and training starts (``"start"``),
+            after every evaluation (``"eval"``) and at the end (``"end"``, the summary).
 
     Writes ``metrics.jsonl`` (one record per evaluation, non-finite step and the final test),
     ``metrics.json`` (summary), ``best.pt``, ``last.pt``, ``samples.png`` and ``curve.png``.
@@ -408,6 +414,8 @@ def _run(tr: _Trainer) -> TrainResult:
 
     from tqdm.auto import tqdm
 
+    for cb in tr.callbacks:
+        cb("start", {"step": tr.step, "out_dir": str(tr.out)})
     bar = tqdm(total=t.steps, initial=tr.step, disable=not _progress_enabled(tr.cfg), desc="train",
                dynamic_ncols=True, leave=True)
     try:

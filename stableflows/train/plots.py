@@ -83,10 +83,12 @@ def save_sample_grid(path: str | Path, panels: Mapping[str, np.ndarray]) -> None
 def save_scatter(path: str | Path, panels: Mapping[str, Tensor | np.ndarray]) -> None:
     """One scatter per entry (title -> ``(n, 2)`` points); non-finite points are dropped and counted."""
     fig = _figure(3.2 * len(panels), 3.4)
+    first = None
     for i, (title, pts) in enumerate(panels.items()):
         pts = np.asarray(pts.detach().cpu() if torch.is_tensor(pts) else pts, dtype=np.float64)
         finite = np.isfinite(pts).all(axis=1)
-        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax = fig.add_subplot(1, len(panels), i + 1, sharex=first, sharey=first)
+        first = first or ax
         ax.scatter(pts[finite, 0], pts[finite, 1], s=2, alpha=0.5)
         dropped = int((~finite).sum())
         ax.set_title(title + (f" ({dropped} non-finite)" if dropped else ""), fontsize=9)

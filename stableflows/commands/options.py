@@ -1,0 +1,175 @@
+"""Command-line flags generated from the config dataclasses, and the config they produce.
+
+Every field of :class:`ModelConfig`, :class:`DataConfig` and :class:`TrainConfig` becomes one flag:
+``steps_per_level`` -> ``--steps-per-level``, ``DataConfig.name`` -> ``--data``, booleans as
+``--x/--no-x``, optional fields accept ``none``. A flag given on the command line overrides the
+config file (``--config run.toml``), which overrides the defaults (or, with ``--resume``, the
+config stored in the checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
+
+__all__ = ["SECTIONS", "HELP", "flag_for", "add_config_arguments", "config_from_args"]
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+FLAG_OVERRIDES = {("data", "name"): "data"}  # (section, field) -> flag name without dashes
+NONE_WORDS = ("none", "null")
+RESERVED_FLAGS = ("config", "resume", "help")  # flags of the commands themselves
+METAVARS = {"model.model": "NAME", "data.name": "NAME", "data.data_dir": "DIR", "train.out_dir": "DIR",
+            "train.device": "DEVICE", "train.time_budget": "SECONDS"}
+
+# One help string per config field ("section.field"); tests check it is complete.
+HELP: dict[str, str] = {
+    # model
+    "model.model": "model family: glow | realnvp | nice | cv_glow (constant-volume Glow) | resflow | iresnet",
+    "model.hidden": "hidden width (channels of CNN conditioners, units of MLP conditioners / residual blocks)",
+    "model.levels": "multi-scale levels of image flows (squeeze -> steps -> split per level)",
+    "model.steps_per_level": "flow steps (or residual blocks) per level",
+    "model.coupling": "coupling layer: affine (scale and shift) | additive (shift only, volume preserving)",
+    "model.scale": "scale parameterisation of affine coupling: exp | sigmoid (Glow's sigma(s+2)) | "
+                   "biased_sigmoid (sigma(s)+eps) | bounded (a+(b-a)sigma(s)) | tanh_clamp | atan_clamp (soft-clamped exp)",
+    "model.permutation": "channel mixing between couplings: lu (LU-decomposed 1x1 conv / linear) | conv1x1 "
+                         "(plain 1x1 conv) | reverse | shuffle (fixed random) | none",
+    "model.mask": "coupling mask: channel (split channels in half) | checkerboard (alternating pixels)",
+    "model.logit_alpha": "logit pre-transform y = logit(alpha + (1 - 2 alpha) v) of the dequantised data v in [0, 1); "
+                         "its log-det counts in bits/dim; 0 disables it",
+    "model.split_prior": "use Glow's learned conditional Gaussian prior for the channels factored out at each split",
+    "model.actnorm": "put an ActNorm layer (data-dependent initialisation) at the start of every flow step",
+    "model.coeff": "residual flows: Lipschitz coefficient c < 1 enforced on each residual branch by spectral normalisation",
+    "model.activation": "residual flows: Lipschitz-1 activation lipswish | elu | softplus",
+    "model.estimator": "residual flows: log-det estimator exact (brute force, small D) | series (truncated "
+                       "power series, i-ResNet) | roulette (unbiased Russian roulette, Residual Flows)",
+    "model.n_exact_terms": "residual flows: power-series terms always computed before the Russian roulette",
+    "model.n_series_terms": "residual flows: terms of the truncated log-det power series (i-ResNet)",
+    "model.n_power_iter": "residual flows: power iterations per spectral-norm update",
+    "model.neumann_grad": "residual flows: estimate the log-det gradient with the Neumann series (saves memory)",
+    "model.grad_in_forward": "residual flows: compute the log-det gradient during the forward pass (saves memory)",
+    "model.fc_blocks": "residual flows: fully connected residual blocks appended after the convolutional ones",
+    "model.factor_out": "residual flows: factor out half the channels at each level (multi-scale)",
+    "model.norm": "residual flows: normalisation of weights: spectral (2-norm) | inf (induced infinity-norm)",
+    # data
+    "data.name": "dataset: digits (embedded 8x8, 17 levels) | moons | circles | 8gaussians | checkerboard | "
+                 "pinwheel | rings (2-D toys) | mnist | fashion-mnist | cifar10 | svhn (local files under --data-dir)",
+    "data.data_dir": "directory holding the local files of mnist / fashion-mnist / cifar10 / svhn (nothing is downloaded)",
+    "data.flatten": "give images to the model as vectors (B, D) instead of (B, C, H, W)",
+    "data.val_size": "fraction of the training split held out for validation and model selection (never the test split)",
+    "data.n_toy": "number of samples drawn from a 2-D toy density",
+    # train
+    "train.steps": "maximum number of optimizer steps (training stops at --steps or --time-budget, whichever first)",
+    "train.time_budget": "maximum seconds of training time (evaluation time not counted); none = no limit",
+    "train.batch_size": "examples per training batch",
+    "train.lr": "peak learning rate of AdamW",
+    "train.weight_decay": "decoupled weight decay of AdamW",
+    "train.warmup": "steps of linear learning-rate warm-up from lr/warmup to lr (0 disables)",
+    "train.grad_clip": "clip the global gradient norm to this value (0 disables; the norm is logged either way)",
+    "train.ema_decay": "decay of the exponential moving average of the weights used for evaluation (0 disables)",
+    "train.eval_every": "steps between validation evaluations (and checkpoints); also evaluated at the end",
+    "train.seed": "random seed of initialisation, batch order, dequantisation noise and the validation split",
+    "train.out_dir": "directory for metrics.jsonl, metrics.json, best.pt, last.pt, samples.png and curve.png",
+    "train.device": "auto (CUDA when available) | cpu | cuda | cuda:N",
+    "train.threads": "CPU threads of PyTorch (torch.set_num_threads); none = PyTorch's default",
+    "train.progress": "show a progress bar with the live training bits/dim (off when stderr is not a terminal)",
+}
+
+
+def flag_for(section: str, name: str) -> str:
+    return FLAG_OVERRIDES.get((section, name), name.replace("_", "-"))
+
+
+def _dest(section: str, name: str) -> str:
+    return f"cfg.{section}.{name}"
+
+
+def _base_type(cls, name: str) -> tuple[type, bool]:
+    """``(scalar type, optional)`` of a dataclass field from its annotation."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else ()
+    if args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"config field {cls.__name__}.{name} has an unsupported type {hint}")
+        return rest[0], True
+    return hint, False
+
+
+def _parser_for(kind: type, optional: bool, flag: str):
+    def parse(text: str):
+        if optional and text.lower() in NONE_WORDS:
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
+                                             f"{' or none' if optional else ''}, got {text!r}") from None
+
+    parse.__name__ = {int: "integer", float: "number", str: "string"}.get(kind, kind.__name__)
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, in one argument group per section; plus ``--config``."""
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML (.toml) or YAML (.yaml/.yml) file with sections [model], [data], [train]; "
+                             "flags given on the command line override it")
+    seen: dict[str, str] = {name: "" for name in RESERVED_FLAGS}
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options ([{section}] in a config file)")
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            flag = flag_for(section, f.name)
+            if flag in seen:  # a future field named like one of another section
+                flag = f"{section}-{flag}"
+            seen[flag] = f"{section}.{f.name}"
+            kind, optional = _base_type(cls, f.name)
+            default = getattr(defaults, f.name)
+            text = HELP.get(f"{section}.{f.name}", f"{section}.{f.name}")
+            text = f"{text} (default: {default!r})".replace("%", "%%")
+            if kind is bool:
+                group.add_argument(f"--{flag}", dest=_dest(section, f.name), action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=text)
+            else:
+                group.add_argument(f"--{flag}", dest=_dest(section, f.name), default=argparse.SUPPRESS,
+                                   type=_parser_for(kind, optional, flag), help=text,
+                                   metavar=METAVARS.get(f"{section}.{f.name}", {int: "N", float: "X"}.get(kind, "STR")))
+
+
+def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``{section: {field: value}}`` of the config flags given on the command line."""
+    out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in vars(args).items():
+        if key.startswith("cfg."):
+            _, section, name = key.split(".", 2)
+            out[section][name] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """``base`` (default: defaults) <- ``--config`` file <- command-line flags."""
+    cfg = base if base is not None else RunConfig()
+    if getattr(args, "config", None):
+        cfg = load_config(Path(args.config))
+    for section, changes in overrides(args).items():
+        if changes:
+            cfg = cfg.replace(section, **changes)
+    return cfg
+
+
+def stored_config(out_dir: str | Path) -> RunConfig | None:
+    """The config stored in ``out_dir/last.pt`` (for ``train --resume`` without ``--config``)."""
+    from ..train.checkpoint import load_checkpoint
+
+    path = Path(out_dir) / "last.pt"
+    if not path.is_file():
+        return None
+    try:
+        return RunConfig.from_dict(load_checkpoint(path)["config"])
+    except KeyError as e:
+        raise ConfigError(f"checkpoint {path} stores no config") from e
