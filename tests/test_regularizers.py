@@ -1,0 +1,171 @@
+"""Finite-difference and flow-objective regularizers, checked against exact formulas: ||W d||^2 and
+||W^-1 d||^2 on a linear map, ||J(x) d||^2 from an autograd Jacobian on a nonlinear flow, and the
+gradients of the penalties through stored activations vs memory-saving chains (float64)."""
+import math
+
+import pytest
+import torch
+
+from stableflows.memory import memory_saving
+from stableflows.models.factories import flow_step
+from stableflows.regularizers import (FiniteDifferenceRegularizer, FlowObjectiveRegularizer, fd_penalty,
+                                      forward_fd_penalty, inverse_fd_penalty, nll_per_dim, unit_directions)
+from stableflows.transforms.base import Compose, Transform
+
+torch.set_num_threads(1)
+
+
+class Linear(Transform):
+    """``z = W x + b`` with a known Jacobian ``W`` (test-local, independent of the library layers)."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = torch.nn.Parameter(w.clone())
+        self.b = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype))
+
+    def _forward(self, x):
+        return x @ self.w.T + self.b, torch.linalg.slogdet(self.w)[1].expand(x.shape[0])
+
+    def _inverse(self, z):
+        return torch.linalg.solve(self.w, (z - self.b).T).T, -torch.linalg.slogdet(self.w)[1].expand(z.shape[0])
+
+
+def _w(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return u @ torch.diag(torch.logspace(-1, 1, n, dtype=torch.float64)) @ v.T  # singular values 0.1 .. 10
+
+
+def test_unit_directions():
+    d = unit_directions(torch.empty(7, 2, 3, 3, dtype=torch.float64), torch.Generator().manual_seed(0))
+    assert d.shape == (7, 2, 3, 3) and d.dtype == torch.float64
+    torch.testing.assert_close(d.reshape(7, -1).norm(dim=1), torch.ones(7, dtype=torch.float64))
+    # isotropic: the mean of d d^T over many draws is I / D
+    many = unit_directions(torch.empty(20000, 3), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(many.T @ many / 20000, torch.eye(3) / 3, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.1, 1.0])
+def test_fd_penalty_equals_jd_on_linear_map(eps):
+    w = _w()
+    lin = Linear(w)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    d = unit_directions(x, torch.Generator().manual_seed(2))
+    fwd = forward_fd_penalty(lin, x, eps=eps, d=d)
+    torch.testing.assert_close(fwd, (d @ w.T).pow(2).sum(1), rtol=1e-8, atol=0)
+    z = lin(x)[0]
+    inv = inverse_fd_penalty(lin, z, eps=eps, d=d)
+    torch.testing.assert_close(inv, (d @ torch.linalg.inv(w).T).pow(2).sum(1), rtol=1e-8, atol=0)
+    # with a reused F(x) the forward penalty is the same
+    torch.testing.assert_close(forward_fd_penalty(lin, x, eps=eps, d=d, z=z), fwd, rtol=1e-10, atol=0)
+
+
+def test_expected_penalty_is_frobenius_over_dim():
+    w = _w(4, seed=3)
+    lin = Linear(w)
+    x = torch.zeros(40000, 4, dtype=torch.float64)
+    pen = forward_fd_penalty(lin, x, eps=1.0, generator=torch.Generator().manual_seed(4)).mean().detach()
+    assert math.isclose(float(pen), float(w.pow(2).sum()) / 4, rel_tol=0.03)
+
+
+def _flow(shape=(4,), coupling="affine", steps=3, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for k in range(steps):
+        layers += flow_step(shape, k, hidden=8, coupling=coupling, scale="tanh_clamp", permutation="lu",
+                            mask="channel", actnorm=True)
+    flow = Compose(layers).double()
+    flow(torch.randn(32, *shape, dtype=torch.float64))  # ActNorm initialisation
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return flow
+
+
+def test_fd_penalty_approximates_jacobian_on_nonlinear_flow():
+    flow = _flow()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    d = unit_directions(x, torch.Generator().manual_seed(5))
+    z = flow(x)[0].detach()
+    for i in range(3):
+        j = torch.autograd.functional.jacobian(lambda v: flow(v[None])[0][0], x[i])  # (4, 4)
+        jinv = torch.autograd.functional.jacobian(lambda v: flow.inverse(v[None])[0][0], z[i])
+        exact_f = float((j @ d[i]).pow(2).sum())
+        exact_i = float((jinv @ d[i]).pow(2).sum())
+        for eps, tol in ((1e-3, 1e-2), (1e-5, 1e-4)):  # FD error is O(eps)
+            with torch.no_grad():
+                got_f = float(forward_fd_penalty(flow, x[i:i + 1], eps=eps, d=d[i:i + 1]))
+                got_i = float(inverse_fd_penalty(flow, z[i:i + 1], eps=eps, d=d[i:i + 1]))
+            assert math.isclose(got_f, exact_f, rel_tol=tol), (eps, got_f, exact_f)
+            assert math.isclose(got_i, exact_i, rel_tol=tol), (eps, got_i, exact_i)
+
+
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+def test_fd_gradients_same_with_and_without_memory_saving(coupling):
+    flow = _flow(coupling=coupling)
+    ms = memory_saving(flow)
+    params = list(flow.parameters())
+    x = torch.randn(8, 4, dtype=torch.float64)
+    reg = FiniteDifferenceRegularizer(weight_forward=0.7, weight_inverse=1.3, eps=0.1, every=1)
+    grads = {}
+    for name, t in (("stored", flow), ("saving", ms)):
+        z = t(x)[0]
+        pen, logs = reg(t, x, z=z, step=0, generator=torch.Generator().manual_seed(6))
+        assert set(logs) == {"fd_forward", "fd_inverse"}
+        grads[name] = torch.autograd.grad(pen, params, allow_unused=True)
+    # every parameter the Jacobian depends on gets a gradient; biases may not (J of a ReLU net
+    # does not depend on its biases almost everywhere, nor on ActNorm's shift)
+    weights = [p for n, p in flow.named_parameters() if not n.endswith("bias")]
+    for side, (wf, wi) in (("forward", (1.0, 0.0)), ("inverse", (0.0, 1.0))):
+        one = FiniteDifferenceRegularizer(weight_forward=wf, weight_inverse=wi, every=1)
+        g = torch.autograd.grad(one(ms, x, step=0)[0], weights, allow_unused=True)
+        reached = sum(1 for gi in g if gi is not None and float(gi.abs().max()) > 0)
+        assert reached == len(weights), f"{side} FD gradient reaches {reached} of {len(weights)} weights"
+    for a, b in zip(grads["saving"], grads["stored"]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_fd_penalty_independent_reference_gradient():
+    """d/dW of ||W d||^2 = 2 (W d) d^T: the autograd gradient through the penalty is right."""
+    w = _w()
+    lin = Linear(w)
+    ms = memory_saving(Compose(lin))
+    x = torch.randn(3, 5, dtype=torch.float64)
+    d = unit_directions(x, torch.Generator().manual_seed(7))
+    for t in (lin, ms):
+        pen = fd_penalty(t, x, eps=0.5, d=d).sum()
+        (g,) = torch.autograd.grad(pen, [lin.w])
+        torch.testing.assert_close(g, 2 * (d @ w.T).T @ d, rtol=1e-8, atol=1e-12)
+
+
+def test_schedule_and_validation():
+    reg = FiniteDifferenceRegularizer(every=10)
+    lin = Linear(_w())
+    x = torch.randn(2, 5, dtype=torch.float64)
+    pen, logs = reg(lin, x, step=3)
+    assert float(pen) == 0.0 and logs == {}
+    pen, logs = reg(lin, x, step=20)
+    assert float(pen) > 0 and "fd_forward" in logs
+    with pytest.raises(ValueError):
+        FiniteDifferenceRegularizer(eps=0.0)
+    with pytest.raises(ValueError):
+        FiniteDifferenceRegularizer(every=0)
+    with pytest.raises(ValueError):
+        fd_penalty(lin, x, d=torch.zeros(2, 4, dtype=torch.float64))
+
+
+def test_flow_objective_regularizer_matches_formula():
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    ld = torch.randn(5, generator=g, dtype=torch.float64)
+    log_p = -0.5 * z.pow(2).sum(1) - 3 * math.log(2 * math.pi) + ld
+    torch.testing.assert_close(nll_per_dim(z, ld, None), -log_p / 6)
+    bpd = -(log_p - 6 * math.log(17)) / (6 * math.log(2))
+    torch.testing.assert_close(nll_per_dim(z, ld, 17), bpd)
+    reg = FlowObjectiveRegularizer(weight=0.25, every=2)
+    pen, logs = reg(z, ld, levels=17, step=4)
+    torch.testing.assert_close(pen, 0.25 * bpd.mean())
+    assert logs["nf_bpd"] == pytest.approx(float(bpd.mean()))
+    assert float(reg(z, ld, levels=17, step=3)[0]) == 0.0
