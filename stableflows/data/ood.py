@@ -91,9 +91,9 @@ def natural_patches(n: int, image_shape: tuple[int, int, int], levels: int, *, s
             raise ShapeError(f"natural patches of {H}x{W} do not fit the {im.shape[0]}x{im.shape[1]} sample images")
         chans = im.transpose(2, 0, 1) if C == 3 else np.repeat((im @ np.asarray(LUMA))[None], C, 0)  # (C, h, w)
         imgs.append(chans)
-    which = rng.integers(0, len(imgs), n)
     out = np.empty((n, C, H, W))
-    for i, k in enumerate(which):
+    for i in range(n):  # one draw after another: the first k of n patches are the k patches
+        k = rng.integers(0, len(imgs))
         top = rng.integers(0, imgs[k].shape[1] - H + 1)
         left = rng.integers(0, imgs[k].shape[2] - W + 1)
         out[i] = imgs[k][:, top : top + H, left : left + W]
