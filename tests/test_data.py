@@ -25,6 +25,7 @@ from stableflows.data import (
     DatasetNotFound,
     Splits,
     UnsafePickleError,
+    carve_validation,
     load_dataset,
     read_idx,
     restricted_load,
@@ -106,6 +107,20 @@ def test_unknown_dataset_lists_names():
         load_dataset(DataConfig(name="imagenet"))
     for name in ("digits", "moons", "checkerboard", "mnist", "fashion-mnist", "cifar10", "svhn"):
         assert name in str(e.value)
+
+
+def test_carve_validation_partition_and_fallback():
+    y = np.repeat(np.arange(4), [40, 30, 20, 10])
+    tr, va = carve_validation(100, 0.2, y, seed=5)
+    assert len(va) == 20 and np.array_equal(np.sort(np.r_[tr, va]), np.arange(100))
+    np.testing.assert_array_equal(np.bincount(y[va], minlength=4), [8, 6, 4, 2])  # exact proportions
+    y_rare = np.r_[np.zeros(19, int), 1]  # a class with a single example cannot be stratified
+    tr, va = carve_validation(20, 0.25, y_rare, seed=0)
+    assert len(va) == 5 and len(np.intersect1d(tr, va)) == 0 and len(tr) == 15
+    tr2, va2 = carve_validation(20, 0.25, None, seed=0)
+    assert np.array_equal(va, va2)  # the fallback is the plain random split
+    with pytest.raises(ConfigError, match="no training"):
+        carve_validation(1, 0.5, None, seed=0)
 
 
 # ----------------------------------------------------------------------------- toys

@@ -90,6 +90,14 @@ def test_grayed(digits_v, digits_int, factor):
         assert np.array_equal(gd, x)
 
 
+def test_grayed_toward_fixed_center(digits_v, digits_int):
+    g = ood_family("grayed", digits_v.double(), 20, factor=0.25, center=0.5)
+    np.testing.assert_allclose(g.numpy(), (0.5 + 0.25 * (digits_v[:20].double() - 0.5)).numpy(), atol=1e-12)
+    gd = discrete_ood_family("grayed", digits_int, 20, levels=L, factor=0.25, center=0.5)  # toward level 8
+    expected = np.round(8.0 + 0.25 * (digits_int[:20].double().numpy() - 8.0))
+    np.testing.assert_array_equal(gd.double().numpy(), expected)
+
+
 def test_inverted(digits_v, digits_int):
     inv = ood_family("inverted", digits_v, 40)
     assert torch.equal(inv, 1.0 - digits_v[:40])

@@ -1,24 +1,22 @@
 """Readers of local dataset files in their standard formats. Nothing is ever downloaded.
 
-========================  =====================================================  ====================
-dataset                   files (searched in the first folder that holds all)    folders searched
-========================  =====================================================  ====================
-``mnist``                 ``train-images-idx3-ubyte``, ``train-labels-idx1-     ``DIR/mnist``,
-                          ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-   ``DIR/MNIST/raw``,
-                          idx1-ubyte`` (each optionally ``.gz``)                 ``DIR``
-``fashion-mnist``         the same IDX names                                     ``DIR/fashion-mnist``,
-                                                                                 ``DIR/FashionMNIST/raw``, ``DIR``
-``cifar10``               ``data_batch_1`` .. ``data_batch_5``, ``test_batch``   ``DIR/cifar-10-batches-py``, ``DIR``
-``svhn``                  ``train_32x32.mat``, ``test_32x32.mat``                ``DIR/svhn``, ``DIR``
-========================  =====================================================  ====================
+Each dataset's files are taken from the first of its folders that holds all of them
+(``DIR`` is ``DataConfig.data_dir``; ``DIR`` itself is searched last):
 
-``DIR`` is ``DataConfig.data_dir``. All four are 8-bit images (``levels = 256``) returned as
-``(N, C, H, W)`` integer levels with labels 0..9 (SVHN's label 10 is digit 0).
+- ``mnist``: ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+  ``t10k-labels-idx1-ubyte``, each optionally ``.gz``; in ``DIR/mnist``, ``DIR/MNIST/raw``, ``DIR``.
+- ``fashion-mnist``: the same IDX names; in ``DIR/fashion-mnist``, ``DIR/FashionMNIST/raw``, ``DIR``.
+- ``cifar10``: ``data_batch_1`` .. ``data_batch_5``, ``test_batch``; in ``DIR/cifar-10-batches-py``, ``DIR``.
+- ``svhn``: ``train_32x32.mat``, ``test_32x32.mat``; in ``DIR/svhn``, ``DIR``.
 
-IDX (LeCun et al.): two zero bytes, a type byte (0x08 = unsigned byte), the number of dimensions
-``d``, then ``d`` big-endian uint32 sizes, then the data in C order. CIFAR-10 batches are pickled
-dicts ``{data: uint8 (N, 3072), labels: [int]}`` read with :func:`~.safe_pickle.restricted_load`.
-SVHN ``.mat`` files hold ``X`` ``(32, 32, 3, N)`` uint8 and ``y`` ``(N, 1)`` in 1..10.
+All four are 8-bit images (``levels = 256``) returned as ``(N, C, H, W)`` integer levels with
+labels 0..9 (SVHN's label 10 is digit 0).
+
+Formats. IDX (LeCun et al.): two zero bytes, a type byte (0x08 = unsigned byte), the number of
+dimensions ``d``, ``d`` big-endian uint32 sizes, then the data in C order. CIFAR-10 batches are
+pickled dicts ``{data: uint8 (N, 3072), labels: [int]}`` (each row: 1024 red, 1024 green, 1024
+blue values, row-major 32x32), read with :func:`~.safe_pickle.restricted_load`. SVHN ``.mat``
+files (MATLAB v5) hold ``X`` ``(32, 32, 3, N)`` uint8 and ``y`` ``(N, 1)`` in 1..10.
 """
 from __future__ import annotations
 

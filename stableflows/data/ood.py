@@ -3,38 +3,36 @@
 Model space is where a flow's inputs live: discrete data with ``L`` levels are dequantised to
 ``v = (x + u) / L`` in ``[0, 1)`` (:func:`stableflows.metrics.dequantize`). Given model-space
 in-distribution examples ``reference`` ``(B, *shape)``, :func:`ood_family` returns ``n`` model-space
-examples of the same event shape:
+examples of the same event shape (``v`` is one reference example; [d] marks the families that
+also exist on the level grid, :data:`DISCRETE_FAMILIES`):
 
-=================  ==================================================================  ==========
-family             definition (per example; ``v`` a reference example)                 discrete
-=================  ==================================================================  ==========
-``uniform``        ``U[0, 1)`` per entry                                               yes
-``gaussian``       ``N(mean, std^2)`` per entry, mean 0.5, std 0.25, NOT clamped:      no
-                   about 4.6 % of entries fall outside ``[0, 1]`` (a logit pre-transform
-                   is non-finite there, which is what the audit should report)
-``constant``       every entry equal; the n values spread evenly over the levels       yes
-                   (cell centres ``(l + 1/2) / L``), or over ``(k + 1/2) / n`` without levels
-``grayed``         ``m + factor (v - m)``, ``m`` the example's mean, factor 0.5         yes
-                   (contrast shrunk toward the mean: Nalisnick et al. 2019, Sec. 5)
-``inverted``       ``1 - v``  (= dequantised ``L - 1 - x`` with noise ``1 - u``;        yes
-                   digits: ``16 - x``)
-``out_of_range``   ``center + scale (v - center)``, center 0.5, scale 2: beyond [0, 1]  no
-``natural_patches``  patches cut at random from ``sklearn.datasets.load_sample_images()``  yes
-                   (grayscale for one channel, RGB for three), quantised to ``L`` levels
-                   (256 without levels) and placed at cell centres ``(x + 1/2) / L``
-=================  ==================================================================  ==========
+- ``uniform`` [d]: ``U[0, 1)`` per entry.
+- ``gaussian``: ``N(mean, std^2)`` per entry, mean 0.5, std 0.25, NOT clamped: about 4.6 % of
+  the entries fall outside ``[0, 1]``, where a logit pre-transform is non-finite -- exactly what
+  an audit should report, so the values are left as they are.
+- ``constant`` [d]: every entry of an example equal; the n values spread evenly over the levels
+  at their cell centres ``(l + 1/2) / L``, or over ``(k + 1/2) / n`` without levels.
+- ``grayed`` [d]: ``m + factor (v - m)``, factor 0.5, ``m`` the example's mean (or a fixed
+  ``center``; ``center=0.5`` is Nalisnick et al. 2019's graying toward pixel value 128).
+- ``inverted`` [d]: ``1 - v``, i.e. level ``L - 1 - x`` dequantised with noise ``1 - u``
+  (digits: ``16 - x``).
+- ``out_of_range``: ``center + scale (v - center)``, center 0.5, scale 2: beyond ``[0, 1]``.
+- ``natural_patches`` [d]: patches cut at random from ``sklearn.datasets.load_sample_images()``
+  (BT.601 grayscale for one channel, RGB for three), quantised to ``L`` levels (256 without
+  levels), at cell centres ``(x + 1/2) / L``.
 
 Families derived from the reference (grayed, inverted, out_of_range) map ``reference[i]`` to
 output ``i``, so ``n <= len(reference)``. :func:`discrete_ood_family` gives the integer-level
-versions of the families marked "discrete" (:data:`DISCRETE_FAMILIES`), from an integer
-reference: uniform levels, constant levels ``round(linspace(0, L-1, n))``,
-``round(m + factor (x - m))``, ``L - 1 - x``, quantised patches.
+versions from an integer reference: uniform levels, constant levels ``round(linspace(0, L-1, n))``,
+``round(m + factor (x - m))`` (a fixed ``center`` is the level ``center L - 1/2``), ``L - 1 - x``,
+quantised patches. ``constant`` and ``natural_patches`` in model space are exactly
+:func:`cell_centres` of their discrete versions.
 
 Bits/dim of a family: for a discrete family, ``bits_per_dim(flow, discrete_ood_family(...), L)``
-(the fixed test noise of seed 0, exactly as the test set). For ``gaussian`` and ``out_of_range``,
-which are not on the level grid, score the model-space values themselves:
-``nats_to_bpd(flow.log_prob(v), D, L)`` -- the same formula as bits/dim with the dequantised
-value ``v`` taken as given (with a fixed ``u`` the discrete bits/dim is exactly this).
+(the fixed test noise of seed 0, exactly as the test set). ``gaussian`` and ``out_of_range`` are
+not on the level grid: score the model-space values themselves with
+``nats_to_bpd(flow.log_prob(v), D, L)`` -- the bits/dim formula with the dequantised value ``v``
+taken as given (with a fixed ``u`` the discrete bits/dim is exactly this).
 """
 from __future__ import annotations
 
@@ -132,7 +130,7 @@ def _mean(x: Tensor) -> Tensor:
 
 
 def _check_factor(factor: float) -> None:
-    if not 0.0 <= factor <= 1.0:
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 <= factor <= 1.0:
         raise ConfigError(f"grayed: factor must lie in [0, 1] (1 keeps the contrast), got {factor}")
 
 
@@ -152,10 +150,10 @@ def _m_constant(ref, n, event, seed, levels):
     return vals.reshape(-1, *([1] * len(event))).expand(n, *event).clone()
 
 
-def _m_grayed(ref, n, event, seed, levels, *, factor: float = GRAY_FACTOR):
+def _m_grayed(ref, n, event, seed, levels, *, factor: float = GRAY_FACTOR, center: float | None = None):
     _check_factor(factor)
     v = _derived(ref, n, "grayed")
-    m = _mean(v)
+    m = _mean(v) if center is None else center
     return m + factor * (v - m)
 
 
@@ -182,11 +180,11 @@ def _d_constant(ref, n, event, seed, levels):
     return vals.reshape(-1, *([1] * len(event))).expand(n, *event).clone()
 
 
-def _d_grayed(ref, n, event, seed, levels, *, factor: float = GRAY_FACTOR):
+def _d_grayed(ref, n, event, seed, levels, *, factor: float = GRAY_FACTOR, center: float | None = None):
     _check_factor(factor)
     x = _derived(ref, n, "grayed")
-    m = _mean(x)
-    return torch.round(m + factor * (x - m))
+    m = _mean(x) if center is None else center * levels - 0.5  # the level whose cell centre is `center`
+    return torch.round(m + factor * (x - m)).clamp(0, levels - 1)
 
 
 def _d_inverted(ref, n, event, seed, levels):

@@ -1,13 +1,12 @@
 """``load_dataset(DataConfig, seed) -> Splits``: one entry point for every dataset.
 
-========================================================  ========  ==============  ==========
-name                                                      levels    shape           source
-========================================================  ========  ==============  ==========
-``digits`` (default)                                      17        (1, 8, 8)       scikit-learn, embedded
-``moons circles 8gaussians checkerboard pinwheel rings``  None      (2,)            generated (``toys.py``)
-``mnist fashion-mnist``                                   256       (1, 28, 28)     local IDX files
-``cifar10 svhn``                                          256       (3, 32, 32)     local files
-========================================================  ========  ==============  ==========
+- ``digits`` (default): scikit-learn's embedded 8x8 digits, levels 17, shape (1, 8, 8).
+- ``moons circles 8gaussians checkerboard pinwheel rings``: generated 2-D toys (:mod:`.toys`),
+  continuous (levels None), shape (2,).
+- ``mnist fashion-mnist``: local IDX files, levels 256, shape (1, 28, 28).
+- ``cifar10 svhn``: local files, levels 256, shape (3, 32, 32).
+
+With ``DataConfig.flatten`` images become vectors, shape ``(C*H*W,)``.
 """
 from __future__ import annotations
 
