@@ -167,6 +167,12 @@ def test_natural_patches_need_an_image_shape():
     assert p.shape == (3, 48)
     with pytest.raises(ShapeError):
         ood_family("natural_patches", torch.rand(5, 48), 3, image_shape=(1, 4, 4))
+    big = ood_family("natural_patches", torch.rand(2, 1, 100, 100), 2, levels=L, downscale=4)  # 106 x 160 images
+    assert big.shape == (2, 1, 100, 100)
+    with pytest.raises(ShapeError, match="do not fit"):
+        ood_family("natural_patches", torch.rand(2, 1, 200, 200), 2, downscale=4)
+    with pytest.raises(ConfigError, match="downscale"):
+        ood_family("natural_patches", torch.rand(2, 1, 8, 8), 2, downscale=0)
 
 
 class _UniformModel:

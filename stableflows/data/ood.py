@@ -78,6 +78,8 @@ def natural_patches(n: int, image_shape: tuple[int, int, int], levels: int, *, s
     ``g`` are quantised as ``floor(g L / 256)``. ``downscale`` block-averages the images first
     (larger structures per patch). Positions and images are drawn with ``seed``.
     """
+    if isinstance(downscale, bool) or not isinstance(downscale, int) or downscale < 1:
+        raise ConfigError(f"natural_patches: downscale must be a positive integer, got {downscale!r}")
     C, H, W = image_shape
     rng = np.random.default_rng(seed)
     imgs = []
