@@ -133,11 +133,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError("checkpoint file does not exist", p)
     if not p.is_file():
         raise CheckpointError("checkpoint path is not a file", p)
+    if not zipfile.is_zipfile(p):  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError("corrupt or unreadable checkpoint: not a zip archive written by torch.save", p)
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a global / custom object
         raise CheckpointError(f"refused to load: the file holds objects other than tensors and plain "
-                              f"containers (no code is executed from checkpoints): {_first_line(e)}", p) from e
+                              f"containers (no code is executed from checkpoints): {_unpickler_reason(e)}", p) from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
         raise CheckpointError(f"corrupt or unreadable checkpoint: {_first_line(e)}", p) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -147,6 +149,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint format version {version!r} is newer than this stableflows "
                               f"(supports <= {FORMAT_VERSION})", p)
     return state
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    """The one line of torch's weights-only error that names the refused global."""
+    for line in str(e).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].strip()
+    return _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:

@@ -186,6 +186,7 @@ class _Trainer:
         self.accum: dict[str, float] = {}
         self.nonfinite_total = self.nonfinite_run = 0
         self.last_eval_step = -1
+        self.last_lr = self.lr()
 
         self._data_dependent_init()
         self.ema = EMA(model, self.t.ema_decay) if self.t.ema_decay > 0 else None
@@ -230,7 +231,7 @@ class _Trainer:
             "train_time": self.train_time, "eval_time": self.eval_time, "rng": rng,
             "sampler": {"perm": self.perm, "pos": self.pos}, "history": self.history,
             "accum": dict(self.accum), "nonfinite": [self.nonfinite_total, self.nonfinite_run],
-            "last_eval_step": self.last_eval_step,
+            "last_eval_step": self.last_eval_step, "last_lr": self.last_lr,
         }
 
     def load_state(self, s: dict[str, Any]) -> None:
@@ -253,6 +254,7 @@ class _Trainer:
         self.accum = dict(s["accum"])
         self.nonfinite_total, self.nonfinite_run = (int(v) for v in s["nonfinite"])
         self.last_eval_step = int(s["last_eval_step"])
+        self.last_lr = float(s["last_lr"])
 
     # -------------------------------------------------------------- steps
     def _next_indices(self) -> Tensor:
@@ -264,6 +266,7 @@ class _Trainer:
         return idx.to(self.device)
 
     def lr(self) -> float:
+        """Learning rate of the next step: ``lr * min(1, (t + 1) / warmup)``, ``t`` = steps done."""
         w = self.t.warmup
         return self.t.lr * min(1.0, (self.step + 1) / w) if w > 0 else self.t.lr
 
@@ -272,7 +275,7 @@ class _Trainer:
         raw = self.train_x[idx]  # (B, *shape)
         batch = Batch(x=self._model_space(raw, self.gens["noise"]), raw=raw,
                       y=self.train_y[idx] if self.train_y is not None else None, levels=self.levels)
-        lr = self.lr()
+        lr = self.last_lr = self.lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -321,7 +324,7 @@ class _Trainer:
         record: dict[str, Any] = {"kind": "eval", "step": self.step}
         for k, v in self.accum.items():
             record[k if k in ("loss", "grad_norm") else f"train_{k}"] = v / n if n else None
-        record.update({f"val_{self.metric}": val, "grad_norm_max": gmax, "lr": self.lr(),
+        record.update({f"val_{self.metric}": val, "grad_norm_max": gmax, "lr": self.last_lr,
                        "nonfinite_steps": self.nonfinite_total, "time": self.train_time,
                        "steps_per_s": session_rate})
         self.accum = {}
