@@ -15,8 +15,10 @@ Counts:
 
 * ``"geometric"``: ``N in {1, 2, ...}``, ``P(N = n) = p (1-p)^(n-1)``, ``P(N >= j) = (1-p)^(j-1)``;
   ``p`` defaults to 0.5. The variance is finite roughly when ``||J||^2 < 1 - p``.
-* ``"poisson"``: ``N ~ Poisson(p)`` on ``{0, 1, ...}``, ``p`` (the mean) defaults to 2; its tail
-  decays faster than any geometric one, so the variance is finite for every ``rho(J) < 1``.
+* ``"poisson"``: ``N ~ Poisson(p)`` on ``{0, 1, ...}``, ``p`` (the mean) defaults to 2. Long draws
+  are rarer than for a geometric count, but the weights ``1 / P(N >= j)`` grow factorially: the
+  variance is finite only for terms that decay faster than geometrically, and in practice the
+  draws that would matter are vanishingly rare.
 """
 from __future__ import annotations
 

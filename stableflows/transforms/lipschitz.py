@@ -58,8 +58,8 @@ DEFAULT_COEFF = 0.98  # Residual Flows (i-ResNet used 0.9)
 DEFAULT_POWER_RTOL = 1e-4  # relative change of sigma that ends the adaptive power iteration
 DEFAULT_POWER_ATOL = 1e-6  # absolute change of sigma that ends it
 DEFAULT_MAX_POWER_ITER = 100  # cap per training step
-INIT_MAX_POWER_ITER = 1000  # cap when the vectors are first initialised
-INIT_POWER_RTOL = 1e-7  # tolerance at initialisation (the estimate must be valid before training)
+INIT_MAX_POWER_ITER = 200  # cap when the vectors are first initialised (and in refresh_norm)
+INIT_POWER_RTOL_EPS = 10.0  # initial convergence to this many machine epsilons (valid before training)
 _POWER_INIT_SEED = 0x5EED  # u, v start from a fixed generator, so lazy init does not touch the global RNG
 
 
@@ -150,8 +150,11 @@ class _LipschitzMixin:
             return self.coeff
         return min(float(self.sigma), self.coeff)
 
-    def refresh_norm(self, rtol: float = INIT_POWER_RTOL, max_iter: int = INIT_MAX_POWER_ITER) -> None:
-        """Converge the power iteration for the current weights (e.g. after loading or editing them)."""
+    def refresh_norm(self, rtol: float | None = None, max_iter: int = INIT_MAX_POWER_ITER) -> None:
+        """Converge the power iteration for the current weights (e.g. after loading or editing them);
+        ``rtol`` defaults to a few machine epsilons of the weight's dtype."""
+        if rtol is None:
+            rtol = INIT_POWER_RTOL_EPS * torch.finfo(self.weight.dtype).eps
         if self.norm == "spectral" and self.v.numel() > 0:
             self._power_iteration(1, max_iter, 0.0, rtol)
         if self.norm != "spectral" or self.v.numel() > 0:
@@ -328,7 +331,7 @@ def frozen_normalization(module: nn.Module) -> Iterator[None]:
             layer._frozen = b
 
 
-def refresh_normalization(module: nn.Module, rtol: float = INIT_POWER_RTOL,
+def refresh_normalization(module: nn.Module, rtol: float | None = None,
                           max_iter: int = INIT_MAX_POWER_ITER) -> None:
     """Converge the norm estimate of every normalised layer of ``module`` for its current weights."""
     for layer in _lipschitz_layers(module):
