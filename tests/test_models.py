@@ -9,7 +9,14 @@ from stableflows.metrics import bits_per_dim
 from stableflows.models import Flow, build_model, cv_glow, glow, nice, realnvp
 from stableflows.transforms.base import NonFiniteInputError, ShapeError
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _perturb(model, scale=0.05, seed=0):

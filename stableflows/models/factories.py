@@ -53,6 +53,8 @@ def flow_step(shape: Sequence[int], index: int, *, hidden: int, coupling: str, s
     ("none") the coupling alternates which half it keeps."""
     _choice("coupling", coupling, COUPLINGS)
     _choice("permutation", permutation, PERMUTATIONS)
+    if mask == "checkerboard" and len(shape) == 3 and shape[1] * shape[2] < 2:
+        mask = "channel"  # a 1x1 map has no checkerboard: mix channels instead
     layers: list[Transform] = []
     if actnorm:
         layers.append(ActNorm(shape))
