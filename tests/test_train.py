@@ -115,7 +115,7 @@ def test_training_lowers_bpd_and_reports_selected_weights(tmp_path):
     assert ckpt["step"] == res.best_step
     ref = tiny_flow()
     ref.load_state_dict(ckpt["model"])
-    ref.eval()
+    ref.eval().requires_grad_(False)
     # independent reference: DESIGN.md bits/dim of the best weights with fixed noise (seed 0)
     assert res.test == pytest.approx(float(bits_per_dim(ref, splits.test, LEVELS, seed=0).double().mean()), abs=1e-5)
     assert res.best_val == pytest.approx(float(bits_per_dim(ref, splits.val, LEVELS, seed=0).double().mean()), abs=1e-5)
@@ -138,7 +138,7 @@ def test_continuous_data_uses_nats(tmp_path):
     assert res.metric == "nll" and res.test_bpd is None
     ref = tiny_flow()
     ref.load_state_dict(load_checkpoint(tmp_path / "run" / "best.pt")["model"])
-    ref.eval()
+    ref.eval().requires_grad_(False)
     assert res.test == pytest.approx(float(-ref.log_prob(splits.test).double().mean()), abs=1e-5)
     assert "val_nll" in evals(tmp_path / "run")[0]
 
