@@ -1,0 +1,212 @@
+"""Per-example likelihood terms and their decomposition (Nalisnick et al. 2019, paper 004, Fig. 4).
+
+For a flow ``z = F(x)`` with a standard-normal base,
+
+    log p(x) = log N(F(x); 0, I) + log|det dF/dx| = log p(z) + logdet,
+
+and the log-det is a sum over the elementary layers ``F = F_L o ... o F_1``,
+``logdet = sum_l log|det dF_l/dh_{l-1}|`` (recorded per layer with
+:func:`~stableflows.transforms.base.trace`). Multi-scale flows (RealNVP / Glow) factor out part of the
+latent after each level; per *scale* ``k`` this module reports the log-det of the layers of level
+``k`` (steps and split prior) and ``log p(z_k)`` of the latent entries factored out there, so that
+
+    log p(x) = sum_k [log p(z_k) + logdet_k] + logdet_pre
+
+(``pre``: layers outside the multi-scale body, e.g. the logit pre-transform).
+
+Inputs a model refuses (:class:`~stableflows.transforms.base.InputOutsideDomain`, e.g. a logit
+pre-transform outside [0, 1]) or on which it fails get NaN terms and a status -- never dropped.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..models.flow import standard_normal_log_prob
+from ..transforms.base import InputOutsideDomain, trace
+from ..transforms.multiscale import MultiScale
+
+__all__ = ["Terms", "likelihood_terms", "Decomposition", "decompose", "scale_layout", "ScaleInfo",
+           "EVAL_BATCH", "STATUS_OK", "STATUS_DOMAIN", "STATUS_ERROR", "STATUS_NONFINITE"]
+
+EVAL_BATCH = 256  # examples per forward pass
+STATUS_OK, STATUS_DOMAIN, STATUS_ERROR, STATUS_NONFINITE = "ok", "outside_domain", "error", "nonfinite"
+
+
+@dataclass
+class Terms:
+    """Per-example terms (float64 numpy, shape ``(N,)``); ``z`` is ``(N, D)`` when kept."""
+
+    log_px: np.ndarray
+    log_pz: np.ndarray
+    logdet: np.ndarray
+    status: np.ndarray  # (N,) str: ok | outside_domain | error | nonfinite
+    messages: Counter = field(default_factory=Counter)
+    z: np.ndarray | None = None
+
+    @property
+    def n_bad(self) -> dict:
+        return {s: int(np.sum(self.status == s)) for s in (STATUS_DOMAIN, STATUS_ERROR, STATUS_NONFINITE)}
+
+
+def _device_dtype(flow: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next((t for t in list(flow.parameters()) + list(flow.buffers()) if torch.is_floating_point(t)), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+def _message(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+@torch.no_grad()
+def _terms_batch(flow, v: Tensor, keep_z: bool):
+    z, logdet = flow.transform(v)
+    lpz = standard_normal_log_prob(z)
+    return lpz, logdet, (z.reshape(z.shape[0], -1) if keep_z else None)
+
+
+@torch.no_grad()
+def likelihood_terms(flow: nn.Module, v: Tensor, *, batch_size: int = EVAL_BATCH, keep_z: bool = False) -> Terms:
+    """``log p(x)``, ``log p(z)`` and ``logdet`` of model-space inputs ``v`` ``(N, *shape)`` under ``flow``
+    (eval mode, the flow's dtype and device). A batch that raises is redone example by example;
+    an example that still raises gets NaN terms and status ``outside_domain`` or ``error``."""
+    was_training = flow.training
+    flow.eval()
+    device, dtype = _device_dtype(flow)
+    n = v.shape[0]
+    lpz, ld = np.full(n, np.nan), np.full(n, np.nan)
+    status = np.array([STATUS_OK] * n, dtype=object)
+    zs = np.full((n, int(np.prod(v.shape[1:]))), np.nan) if keep_z else None
+    messages: Counter = Counter()
+    try:
+        for s in range(0, n, batch_size):
+            vb = v[s:s + batch_size].to(device=device, dtype=dtype)
+            try:
+                parts = [(_terms_batch(flow, vb, keep_z), slice(s, s + vb.shape[0]))]
+            except Exception:  # noqa: BLE001 - attribute the failure to single examples
+                parts = []
+                for i in range(vb.shape[0]):
+                    try:
+                        parts.append((_terms_batch(flow, vb[i:i + 1], keep_z), slice(s + i, s + i + 1)))
+                    except Exception as e:  # noqa: BLE001
+                        status[s + i] = STATUS_DOMAIN if isinstance(e, InputOutsideDomain) else STATUS_ERROR
+                        messages[_message(e)] += 1
+            for (a, b, z), sl in parts:
+                lpz[sl] = a.double().cpu().numpy()
+                ld[sl] = b.double().cpu().numpy()
+                if keep_z:
+                    zs[sl] = z.double().cpu().numpy()
+    finally:
+        flow.train(was_training)
+    lpx = lpz + ld
+    bad = (status == STATUS_OK) & ~np.isfinite(lpx)
+    status[bad] = STATUS_NONFINITE
+    return Terms(log_px=lpx, log_pz=lpz, logdet=ld, status=status, messages=messages, z=zs)
+
+
+# ----------------------------------------------------------------------------- scales
+@dataclass
+class ScaleInfo:
+    """One scale of a multi-scale flow: its modules and the latent entries it factors out."""
+
+    name: str  # "scale 1" (finest) ... or "pre" / "body"
+    modules: set  # ids of the modules belonging to it
+    latent: slice | None  # entries of the flat latent factored out at this scale
+
+
+def _ids(*mods: nn.Module) -> set:
+    return {id(m) for mod in mods for m in mod.modules()}
+
+
+def scale_layout(flow: nn.Module) -> list[ScaleInfo]:
+    """Scales of ``flow`` in order, finest first. A flow without :class:`MultiScale` has one scale
+    ``"scale 1"`` holding every layer inside ``flow.transform`` and the whole latent; layers of a
+    multi-scale flow outside the multi-scale body form the scale ``"pre"``."""
+    chain: list[MultiScale] = []
+    outer = next((m for m in flow.modules() if isinstance(m, MultiScale)), None)
+    m = outer
+    while isinstance(m, MultiScale):
+        chain.append(m)
+        m = m.inner
+    d = int(np.prod(flow.latent_shape)) if hasattr(flow, "latent_shape") else None
+    if not chain:
+        return [ScaleInfo("scale 1", _ids(flow.transform), slice(0, d))]
+    scales: list[ScaleInfo] = []
+    end = d
+    for k, ms in enumerate(chain):
+        n_out = int(np.prod(ms.out_shape))
+        scales.append(ScaleInfo(f"scale {k + 1}", _ids(ms.level, ms.prior), slice(end - n_out, end)))
+        end -= n_out
+    scales.append(ScaleInfo(f"scale {len(chain) + 1}", _ids(chain[-1].inner), slice(0, end)))
+    body = _ids(outer)
+    pre = {i for i in _ids(flow.transform) if i not in body}
+    return [ScaleInfo("pre", pre, None)] + scales
+
+
+@dataclass
+class Decomposition:
+    """``log p(x)`` of a batch split into latent and per-layer / per-scale log-det terms (float64 numpy)."""
+
+    log_px: np.ndarray  # (N,)
+    log_pz: np.ndarray  # (N,)
+    logdet: np.ndarray  # (N,)
+    layer_names: list  # elementary layers in forward call order
+    layer_types: list
+    layer_logdet: np.ndarray  # (L, N)
+    scale_names: list
+    scale_logdet: np.ndarray  # (S, N)
+    scale_log_pz: np.ndarray  # (S, N); 0 for scales without latent entries ("pre")
+
+    def per_layer_mean(self) -> list[dict]:
+        return [{"layer": n, "type": t, "logdet_mean": float(np.mean(r))}
+                for n, t, r in zip(self.layer_names, self.layer_types, self.layer_logdet)]
+
+    def per_scale_mean(self) -> list[dict]:
+        return [{"scale": n, "logdet_mean": float(np.mean(a)), "log_pz_mean": float(np.mean(b))}
+                for n, a, b in zip(self.scale_names, self.scale_logdet, self.scale_log_pz)]
+
+
+@torch.no_grad()
+def decompose(flow: nn.Module, v: Tensor) -> Decomposition:
+    """Decompose ``log p(v)`` of one batch (model-space inputs the flow accepts) per layer and scale.
+
+    Every elementary layer call is recorded with :func:`trace`; their log-dets add up to the flow's
+    log-det, and ``log p(z)`` splits over the latent entries factored out at each scale.
+    """
+    was_training = flow.training
+    flow.eval()
+    device, dtype = _device_dtype(flow)
+    v = v.to(device=device, dtype=dtype)
+    modules = dict(flow.named_modules())
+    try:
+        with trace(flow) as tr:
+            z, logdet = flow.transform(v)
+    finally:
+        flow.train(was_training)
+    z = z.reshape(z.shape[0], -1)
+    leaves = [r for r in tr.leaves() if r.direction == "forward"]
+    names = [r.name for r in leaves]
+    types = [type(modules[n]).__name__ if n in modules else n for n in names]
+    layer_ld = np.stack([r.logdet.double().cpu().numpy() for r in leaves]) if leaves else np.zeros((0, v.shape[0]))
+    layout = scale_layout(flow)
+    s_ld = np.zeros((len(layout), v.shape[0]))
+    s_lpz = np.zeros((len(layout), v.shape[0]))
+    for i, name in enumerate(names):
+        mid = id(modules.get(name))
+        k = next((j for j, s in enumerate(layout) if mid in s.modules), None)
+        if k is None:
+            raise RuntimeError(f"layer {name!r} belongs to no scale of the flow")
+        s_ld[k] += layer_ld[i]
+    for k, s in enumerate(layout):
+        if s.latent is not None:
+            s_lpz[k] = standard_normal_log_prob(z[:, s.latent]).double().cpu().numpy()
+    lpz = standard_normal_log_prob(z).double().cpu().numpy()
+    ld = logdet.double().cpu().numpy()
+    return Decomposition(log_px=lpz + ld, log_pz=lpz, logdet=ld, layer_names=names, layer_types=types,
+                         layer_logdet=layer_ld, scale_names=[s.name for s in layout], scale_logdet=s_ld,
+                         scale_log_pz=s_lpz)
