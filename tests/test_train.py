@@ -144,7 +144,7 @@ def test_continuous_data_uses_nats(tmp_path):
 
 
 def test_evaluate_is_batch_independent_and_matches_metric():
-    flow, splits = tiny_flow(), tiny_splits()
+    flow, splits = tiny_flow().requires_grad_(False), tiny_splits()
     ref = float(bits_per_dim(flow, splits.val, LEVELS, seed=0).double().mean())
     for bs in (7, 80, 512):
         assert evaluate(flow, splits.val, LEVELS, batch_size=bs) == pytest.approx(ref, abs=1e-6)
@@ -263,6 +263,34 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
 def test_divergence_aborts_with_a_clear_error(tmp_path):
     with pytest.raises(TrainingDiverged, match=f"{MAX_CONSECUTIVE_NONFINITE} consecutive"):
         train(cfg_for(tmp_path, steps=100), model=tiny_flow(), splits=tiny_splits(), objective=FlakyObjective({"all"}))
+
+
+class ScoredObjective(MaximumLikelihood):
+    """Brings its own evaluation: selection must follow ``metric`` (here minus the bits/dim)."""
+
+    metric = "score"
+
+    def __init__(self):
+        self.steps = []
+
+    def set_step(self, step):
+        self.steps.append(step)
+
+    def evaluate(self, model, x, y, levels):
+        with torch.no_grad():
+            bpd = float(bits_per_dim(model, x, levels, seed=0).double().mean())
+        return {"score": -bpd, "bpd": bpd}
+
+
+def test_objective_with_its_own_evaluation(tmp_path):
+    obj = ScoredObjective()
+    res = train(cfg_for(tmp_path, steps=30, lr=1e-2), model=tiny_flow(), splits=tiny_splits(), objective=obj)
+    assert obj.steps == list(range(30))
+    recs = evals(tmp_path / "run")
+    assert all(r["val_score"] == pytest.approx(-r["val_bpd"]) for r in recs)
+    worst = max(recs, key=lambda r: r["val_bpd"])  # lowest score = highest bits/dim
+    assert res.metric == "score" and res.best_step == worst["step"] and res.best_val == pytest.approx(worst["val_score"])
+    assert res.test_bpd == pytest.approx(-res.test) and res.test_metrics.keys() == {"score", "bpd"}
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -57,7 +57,9 @@ class TrainingDiverged(StableflowsError, RuntimeError):
 
 @dataclass
 class TrainResult:
-    """Summary of a run. ``metric`` is ``"bpd"`` (discrete data) or ``"nll"`` (nats, continuous)."""
+    """Summary of a run. ``metric`` is the validation metric that selects the weights: ``"bpd"``
+    (discrete data) or ``"nll"`` (nats, continuous) for maximum likelihood, ``objective.metric``
+    (e.g. ``"error"``) for an objective with its own ``evaluate``."""
 
     metric: str
     best_val: float  # validation metric of the selected (EMA) weights; nan if never finite
@@ -71,15 +73,17 @@ class TrainResult:
     nonfinite_steps: int
     out_dir: str
     n_params: int = 0
+    test_metrics: dict = dataclasses.field(default_factory=dict)  # every test metric of the objective
     history: list = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def test_bpd(self) -> float | None:
-        return self.test if self.metric == "bpd" else None
+        return self.test if self.metric == "bpd" else self.test_metrics.get("bpd")
 
     def summary(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("history")
+        d["test_metrics"] = {k: finite_or_none(v) for k, v in self.test_metrics.items()}
         return {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in d.items()}
 
 
@@ -172,7 +176,9 @@ class _Trainer:
         self.device = device
         self.out = Path(cfg.train.out_dir)
         self.levels = splits.levels
-        self.metric = metric_name(splits.levels)
+        # an objective may bring its own evaluation (e.g. classification error); else bpd / nll
+        self.custom_eval = callable(getattr(objective, "evaluate", None)) and bool(getattr(objective, "metric", None))
+        self.metric = objective.metric if self.custom_eval else metric_name(splits.levels)
         self.train_x = splits.train.to(device)
         self.train_y = splits.y_train.to(device) if getattr(splits, "y_train", None) is not None else None
         seed = cfg.train.seed
@@ -280,6 +286,8 @@ class _Trainer:
             group["lr"] = lr
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if callable(getattr(self.objective, "set_step", None)):
+            self.objective.set_step(self.step)  # 0-based index of this step
         loss, logs = self.objective.loss(self.model, batch)
         if not bool(torch.isfinite(loss.detach())):
             return self._nonfinite("loss", float(loss.detach()))
@@ -311,20 +319,32 @@ class _Trainer:
                 f"value {value}); lower --lr, raise --warmup, set --grad-clip, or use a bounded --scale. "
                 f"The last good checkpoint is {self.out / 'last.pt'}")
 
-    def running_metric(self) -> float | None:
+    def running_metric(self) -> tuple[str, float] | None:
+        """Running mean of the training metric (else bpd, else the loss) since the last evaluation."""
         n = self.accum.get("n", 0.0)
-        return self.accum.get(self.metric, self.accum.get("loss", math.nan)) / n if n else None
+        key = next((k for k in (self.metric, "bpd", "loss") if k in self.accum), None)
+        return (key, self.accum[key] / n) if n and key else None
 
     # -------------------------------------------------------------- evaluation
+    def evaluate_split(self, model: nn.Module, part: str) -> dict[str, float]:
+        """Metrics of one split with the fixed noise (seed 0); ``self.metric`` is among them."""
+        x = getattr(self.splits, part)
+        if self.custom_eval:
+            y = getattr(self.splits, f"y_{part}", None)
+            return {k: float(v) for k, v in self.objective.evaluate(model, x, y, self.levels).items()}
+        return {self.metric: evaluate(model, x, self.levels)}
+
     def evaluate_and_checkpoint(self, session_rate: float) -> dict:
         t0 = time.perf_counter()
-        val = evaluate(self.eval_model, self.splits.val, self.levels)
+        vals = self.evaluate_split(self.eval_model, "val")
+        val = vals[self.metric]
         n = self.accum.pop("n", 0.0)
         gmax = self.accum.pop("grad_norm_max", None)
         record: dict[str, Any] = {"kind": "eval", "step": self.step}
         for k, v in self.accum.items():
             record[k if k in ("loss", "grad_norm") else f"train_{k}"] = v / n if n else None
-        record.update({f"val_{self.metric}": val, "grad_norm_max": gmax, "lr": self.last_lr,
+        record.update({f"val_{k}": v for k, v in vals.items()})
+        record.update({"grad_norm_max": gmax, "lr": self.last_lr,
                        "nonfinite_steps": self.nonfinite_total, "time": self.train_time,
                        "steps_per_s": session_rate})
         self.accum = {}
@@ -362,7 +382,9 @@ def train(cfg: RunConfig, *, resume: bool = False, model: nn.Module | None = Non
         resume: continue from ``out_dir/last.pt`` (same trajectory as an uninterrupted run).
         model: a flow to train instead of ``build_model(cfg.model, shape)`` (its shape must match).
         splits: data splits instead of ``load_dataset(cfg.data, seed)``.
-        objective: defaults to :class:`MaximumLikelihood`.
+        objective: defaults to :class:`MaximumLikelihood`. An objective with a ``metric`` name and
+            ``evaluate(model, x, y, levels) -> {name: value}`` is evaluated (and selected on ``metric``,
+            lower is better) by that method; one with ``set_step(t)`` is told the step index.
         callbacks: ``cb(event, record)`` called once set-up is done and training starts (``"start"``),
             after every evaluation (``"eval"``) and at the end (``"end"``, the summary).
 
@@ -434,7 +456,7 @@ def _run(tr: _Trainer) -> TrainResult:
             session_steps += 1
             bar.update(1)
             if tr.step % PROGRESS_EVERY == 0 and (m := tr.running_metric()) is not None:
-                bar.set_postfix_str(f"train {tr.metric} {m:.3f}")
+                bar.set_postfix_str(f"train {m[0]} {m[1]:.3f}")
             if tr.step % t.eval_every == 0:
                 rec = tr.evaluate_and_checkpoint(rate())
                 bar.set_postfix_str(f"val {tr.metric} {rec[f'val_{tr.metric}']:.3f}")
@@ -451,9 +473,10 @@ def _finish(tr: _Trainer, rate: float) -> TrainResult:
     if (tr.out / "best.pt").is_file() and tr.best_step is not None:
         best = copy.deepcopy(tr.eval_model)
         best.load_state_dict(load_checkpoint(tr.out / "best.pt")["model"])
-    test = evaluate(best, tr.splits.test, tr.levels)
+    tests = tr.evaluate_split(best, "test")
+    test = tests[tr.metric]
     tr.eval_time += time.perf_counter() - t0
-    record = {"kind": "test", "step": tr.best_step, f"test_{tr.metric}": test,
+    record = {"kind": "test", "step": tr.best_step, **{f"test_{k}": v for k, v in tests.items()},
               "selected": "best" if tr.best_step is not None else "last"}
     tr._append_jsonl(record)
     n_params = sum(p.numel() for p in tr.model.parameters())
@@ -461,7 +484,7 @@ def _finish(tr: _Trainer, rate: float) -> TrainResult:
         metric=tr.metric, best_val=tr.best_val if tr.best_step is not None else math.nan,
         best_step=tr.best_step, test=test, steps=tr.step, train_time=tr.train_time, eval_time=tr.eval_time,
         steps_per_s=rate, peak_rss_mb=peak_rss_mb(), nonfinite_steps=tr.nonfinite_total, out_dir=str(tr.out),
-        n_params=n_params, history=tr.history + [record])
+        n_params=n_params, test_metrics=tests, history=tr.history + [record])
     figures = write_figures(tr.out, best, tr.splits, tr.history, tr.metric, test=test, best_step=tr.best_step)
     summary = {**result.summary(), "data": tr.splits.name, "shape": list(tr.splits.shape), "levels": tr.levels,
                "device": str(tr.device), "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -140,6 +140,8 @@ def write_figures(out: str | Path, flow, splits, history: Sequence[Mapping], met
     save_curve(out / "curve.png", history, metric, test=test, best_step=best_step)
     info["curve"] = "curve.png"
     img = image_shape(splits.shape) if splits.levels is not None else None
+    if not callable(getattr(flow, "sample", None)):
+        return info
     try:
         if img is not None:
             panels, bad = {}, {}
