@@ -38,6 +38,8 @@ from torch.autograd.function import once_differentiable
 
 from .transforms import base as _base
 from .transforms.base import Compose, StableflowsError, Transform
+from .transforms.coupling import Coupling
+from .transforms.lipschitz import frozen_normalization
 
 __all__ = [
     "MemorySavingCompose",
@@ -163,46 +165,89 @@ class _InvertibleChain(torch.autograd.Function):
         cur = y.detach()
         if g_y is None:
             g_y = torch.zeros_like(cur)
-        with _recomputing():
+        with _recomputing(), frozen_normalization(ctx.chain):
             for i in range(len(layers) - 1, -1, -1):
                 layer = layers[i]
-                fwd = layer.inverse if ctx.reverse else layer
-                inv = layer if ctx.reverse else layer.inverse
-                with torch.no_grad():
-                    x_i, _ = inv(cur)  # recompute the input of link i
                 need_x = i > 0 or ctx.needs_input_grad[0]
                 p_i = [params[j] for j in ctx.index[i]]
-                if ctx.rng:
-                    _set_rng_state(ctx.rng[i], cur.device)
-                with torch.enable_grad():
-                    x_leaf = x_i.detach().requires_grad_(need_x)
-                    y_rec, ld_rec = fwd(x_leaf)
-                outs, gouts = [], []
-                if y_rec.requires_grad:
-                    outs.append(y_rec)
-                    gouts.append(g_y)
-                if g_ld is not None and ld_rec.requires_grad:
-                    outs.append(ld_rec)
-                    gouts.append(g_ld)
-                inputs = ([x_leaf] if need_x else []) + p_i
-                if outs and inputs:
-                    g = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
+                if ctx.chain.fuse_couplings and _fusable(layer):
+                    x_i, g_x, g_p = _coupling_link(layer, cur, g_y, g_ld, need_x, p_i, ctx.reverse)
                 else:
-                    g = (None,) * len(inputs)
-                if need_x:
-                    g_y = g[0] if g[0] is not None else torch.zeros_like(x_i)
-                    g = g[1:]
-                for j, gj in zip(ctx.index[i], g):
+                    rng = ctx.rng[i] if ctx.rng else None
+                    x_i, g_x, g_p = _generic_link(layer, cur, g_y, g_ld, need_x, p_i, ctx.reverse, rng)
+                g_y = g_x
+                for j, gj in zip(ctx.index[i], g_p):
                     if gj is not None:
                         grads[j] = gj if grads[j] is None else grads[j] + gj
                 for module, s in ctx.stats[i]:  # recomputations do not overwrite forward diagnostics
                     module.stats = s
-                cur = x_i.detach()
-                del y_rec, ld_rec, x_leaf, outs
+                cur = x_i
         if resume is not None:
             _set_rng_state(resume, y.device)
         g_x = g_y if ctx.needs_input_grad[0] else None
         return (g_x, None, None, None, *grads)
+
+
+def _vjp(pairs: list[tuple[Tensor, Tensor | None]], inputs: list[Tensor]) -> tuple:
+    """``sum_k g_k^T d out_k / d inputs`` for the pairs ``(out_k, g_k)`` that carry a gradient."""
+    outs = [o for o, g in pairs if g is not None and o.requires_grad]
+    gouts = [g for o, g in pairs if g is not None and o.requires_grad]
+    if outs and inputs:
+        return torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
+    return (None,) * len(inputs)
+
+
+def _generic_link(layer, cur, g_y, g_ld, need_x, p_i, reverse, rng):
+    """Any link: ``x = F^-1(y)`` without a graph, then the vjp of ``F`` at ``x``.
+    Returns ``(x, dL/dx or None, dL/dtheta per parameter)``."""
+    fwd = layer.inverse if reverse else layer
+    inv = layer if reverse else layer.inverse
+    with torch.no_grad():
+        x_i, _ = inv(cur)  # the recomputed input of the link
+    if rng is not None:
+        _set_rng_state(rng, cur.device)
+    with torch.enable_grad():
+        x_leaf = x_i.detach().requires_grad_(need_x)
+        y_rec, ld_rec = fwd(x_leaf)
+    g = _vjp([(y_rec, g_y), (ld_rec, g_ld)], ([x_leaf] if need_x else []) + p_i)
+    g_x = None
+    if need_x:
+        g_x = g[0] if g[0] is not None else torch.zeros_like(x_i)
+        g = g[1:]
+    return x_i.detach(), g_x, g
+
+
+def _fusable(layer: nn.Module) -> bool:
+    return isinstance(layer, Coupling) and type(layer)._forward is Coupling._forward \
+        and type(layer)._inverse is Coupling._inverse
+
+
+def _coupling_link(layer: Coupling, cur, g_y, g_ld, need_x, p_i, reverse):
+    """A coupling link with one conditioner evaluation instead of two (as in RevNets).
+
+    The kept part is the same on both sides (``y_a = x_a``), so the conditioner ``h = net(y_a)`` is
+    evaluated once, with a graph; the transformed part of the input is solved from ``h`` without a
+    graph, and the elementwise map is re-applied with a graph for the vjp. The gradient w.r.t. the
+    input is ``g_y`` on the kept part plus what flows through ``h``, and the vjp of the
+    elementwise map on the transformed part (``_params`` ignores the transformed entries, so
+    their gradient through ``h`` is zero)."""
+    solve, apply = (layer._couple, layer._uncouple) if reverse else (layer._uncouple, layer._couple)
+    with torch.enable_grad():
+        a_leaf = cur.detach().requires_grad_(need_x)
+        h = layer._params(a_leaf)  # (B, P, N_b)
+    with torch.no_grad():
+        xb, _ = solve(layer._take(cur), h.detach())  # (B, N_b)
+    with torch.enable_grad():
+        xb_leaf = xb.detach().requires_grad_(need_x)
+        yb_rec, ld_rec = apply(xb_leaf, h)
+    x_i = layer._put(cur, xb)
+    g = _vjp([(yb_rec, layer._take(g_y)), (ld_rec, g_ld)], ([a_leaf, xb_leaf] if need_x else []) + p_i)
+    g_x = None
+    if need_x:
+        g_a, g_b = g[0], g[1]
+        g_x = layer._put(g_y if g_a is None else g_y + g_a, g_b if g_b is not None else torch.zeros_like(xb))
+        g = g[2:]
+    return x_i, g_x, g
 
 
 # ----------------------------------------------------------------------------- the chain
@@ -220,16 +265,21 @@ class MemorySavingCompose(Compose):
         preserve_rng_state: restore the RNG state of each link before its recomputation, so that
             stochastic layers (random log-det estimators) see the same random numbers as in the
             forward pass (costs one RNG state, ~5 KB, per link -- not activation-sized).
+        fuse_couplings: recompute coupling layers with one conditioner evaluation instead of two
+            (inverse, then forward): the conditioner runs once on the kept half, which input and
+            output share. Same gradients; about a quarter less backward time.
 
     Limitations: double backward (``create_graph=True``) is not supported; layers must not change
     parameters in place during the forward pass (data-dependent initialisation happens once,
     before the first gradient, and is fine).
     """
 
-    def __init__(self, *layers: Transform, enabled: bool = True, preserve_rng_state: bool = True):
+    def __init__(self, *layers: Transform, enabled: bool = True, preserve_rng_state: bool = True,
+                 fuse_couplings: bool = True):
         super().__init__(*layers)
         self.enabled = bool(enabled)
         self.preserve_rng_state = bool(preserve_rng_state)
+        self.fuse_couplings = bool(fuse_couplings)
 
     def _trainable(self) -> list[Tensor]:
         seen, out = set(), []
@@ -268,12 +318,13 @@ class MemorySavingCompose(Compose):
         return f"enabled={self.enabled}, links={len(self.layers)}"
 
 
-def memory_saving(transform: nn.Module, *, enabled: bool = True, preserve_rng_state: bool = True
-                  ) -> MemorySavingCompose:
+def memory_saving(transform: nn.Module, *, enabled: bool = True, preserve_rng_state: bool = True,
+                  fuse_couplings: bool = True) -> MemorySavingCompose:
     """A :class:`MemorySavingCompose` over the flattened links of ``transform`` (a Compose, any
     Transform, or a flow with ``.transform``). The layers (and their parameters) are shared, not
     copied."""
-    return MemorySavingCompose(*chain_layers(transform), enabled=enabled, preserve_rng_state=preserve_rng_state)
+    return MemorySavingCompose(*chain_layers(transform), enabled=enabled, preserve_rng_state=preserve_rng_state,
+                               fuse_couplings=fuse_couplings)
 
 
 def memory_saving_modules(model: nn.Module) -> list[MemorySavingCompose]:

@@ -27,13 +27,13 @@ def _perturb(module, scale=0.3, seed=0):
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def _chain(shape, coupling, *, steps=4, scale="tanh_clamp", permutation="lu", seed=0):
+def _chain(shape, coupling, *, steps=4, scale="tanh_clamp", permutation="lu", mask="channel", seed=0):
     torch.manual_seed(seed)
     layers = [Squeeze(2)] if len(shape) == 3 else []
     inner = (shape[0] * 4, shape[1] // 2, shape[2] // 2) if len(shape) == 3 else shape
     for k in range(steps):
         layers += flow_step(inner, k, hidden=8, coupling=coupling, scale=scale, permutation=permutation,
-                            mask="channel", actnorm=True, seed=seed)
+                            mask=mask, actnorm=True, seed=seed)
     return Compose(layers).double()
 
 
@@ -50,21 +50,24 @@ def _grads_of(t, x, w, c, params):
 
 
 CASES = [
-    ((6,), "additive", "lu"),
-    ((6,), "affine", "lu"),
-    ((2, 4, 4), "additive", "lu"),
-    ((2, 4, 4), "affine", "shuffle"),
+    ((6,), "additive", "lu", "channel"),
+    ((6,), "affine", "lu", "checkerboard"),
+    ((2, 4, 4), "additive", "lu", "channel"),
+    ((2, 4, 4), "affine", "shuffle", "channel"),
+    ((2, 4, 4), "affine", "none", "checkerboard"),
 ]
 
 
-@pytest.mark.parametrize("shape,coupling,perm", CASES)
+@pytest.mark.parametrize("shape,coupling,perm,mask", CASES)
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
-def test_gradients_equal_stored_float64(shape, coupling, perm, direction):
-    plain = _chain(shape, coupling, permutation=perm)
+@pytest.mark.parametrize("fuse", [True, False])
+def test_gradients_equal_stored_float64(shape, coupling, perm, mask, direction, fuse):
+    """Both recomputation paths (fused coupling, generic inverse-then-forward), both directions."""
+    plain = _chain(shape, coupling, permutation=perm, mask=mask)
     x = torch.rand(5, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     plain(x)  # ActNorm data-dependent initialisation
     _perturb(plain)
-    ms = memory_saving(plain)
+    ms = memory_saving(plain, fuse_couplings=fuse)
     assert isinstance(ms, MemorySavingCompose) and len(ms) == len(chain_layers(plain))
     if direction == "inverse":
         x = plain(x)[0].detach()

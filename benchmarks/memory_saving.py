@@ -1,0 +1,244 @@
+"""Memory and time of one training step of an invertible classifier: stored activations vs
+stableflows' memory-saving backward (``MemorySavingCompose``) vs memcnn's per-layer
+``InvertibleModuleWrapper`` (when memcnn is importable), at several depths.
+
+    python -m benchmarks.memory_saving                       # depths 4 and 32, prints a table
+    python -m benchmarks.memory_saving --depths 4 8 16 32 --json runs/bench/memory_saving.json
+
+Every (method, depth) runs in a fresh subprocess. Memory, measured two ways:
+
+* ``peak MB``: growth of the process's peak resident set during one training step (forward,
+  backward, AdamW step) after two warm-up steps: the kernel's high-water mark ``VmHWM`` is reset
+  through ``/proc/self/clear_refs`` just before the step, and glibc is told to serve every block of
+  64 KiB or more by ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the resident set.
+  This includes gradients, optimizer state and the recomputation's transient graph.
+* ``saved MB``: bytes autograd keeps for backward during the forward pass
+  (``torch.autograd.graph.saved_tensors_hooks``, parameters excluded, each storage once): the
+  activations themselves; deterministic.
+
+Time: median of ``--steps`` training steps after the warm-up. The model is
+``classifier(shape=(3, 32, 32), levels=1, steps_per_level=depth, coupling=...)`` (squeeze, then
+``depth`` x [ActNorm, 1x1 conv, coupling]) with a linear head and cross-entropy on random data.
+memcnn wraps each of the same layers (log-det dropped) in its ``InvertibleModuleWrapper``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("stored", "stableflows", "memcnn")
+MMAP_THRESHOLD = 65536  # bytes: larger blocks are mmapped and returned to the OS when freed
+TARGET_MEMORY_RATIO = 1.3  # peak(depth max) / peak(depth min) with memory saving
+TARGET_TIME_RATIO = 1.6  # memory-saving step / stored-activation step
+
+
+# ----------------------------------------------------------------------------- worker
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def _build(method: str, depth: int, args):
+    import torch
+    from torch import nn
+
+    from stableflows.models.classifier import classifier
+
+    torch.manual_seed(0)
+    model = classifier(shape=(3, 32, 32), n_classes=10, levels=1, steps_per_level=depth, hidden=args.hidden,
+                       coupling=args.coupling, scale=args.scale, memory_saving=(method == "stableflows"))
+    x0 = torch.rand(args.batch, 3, 32, 32)
+    model.train()
+    with torch.no_grad():
+        model.log_prob(x0)  # ActNorm initialisation
+    if method != "memcnn":
+        return model, model, lambda x: model(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from memcnn import InvertibleModuleWrapper
+
+    class Adapter(nn.Module):  # memcnn wants y = fn(x), x = fn.inverse(y): the log-det is dropped
+        def __init__(self, t):
+            super().__init__()
+            self.t = t
+
+        def forward(self, x):  # memcnn detaches outputs in place: no views of the input
+            y = self.t(x)[0]
+            return y.clone() if y._is_view() else y
+
+        def inverse(self, y):
+            x = self.t.inverse(y)[0]
+            return x.clone() if x._is_view() else x
+
+    chain = nn.Sequential(*[InvertibleModuleWrapper(Adapter(t), keep_input=False, keep_input_inverse=False)
+                            for t in model.flow.layers])
+    holder = nn.ModuleDict({"chain": chain, "head": model.head})
+    return holder, model, lambda x: model.head(chain(x))
+
+
+def _saved_bytes(run, x) -> int:
+    import torch
+
+    seen, total = set(), [0]
+
+    def pack(t):
+        s = t.untyped_storage()
+        key = (s.data_ptr(), s.nbytes())
+        if key not in seen and not isinstance(t, torch.nn.Parameter):
+            seen.add(key)
+            total[0] += s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run(x)
+    out.sum().backward()
+    return total[0]
+
+
+def worker(method: str, depth: int, args) -> dict:
+    import gc
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    params_module, model, run = _build(method, depth, args)
+    opt = torch.optim.AdamW(params_module.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.rand(args.batch, 3, 32, 32, generator=g)
+    ys = torch.randint(0, 10, (args.batch,), generator=g)
+
+    def step():
+        x = xs.clone()  # memcnn frees the storage of its input
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(run(x), ys)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    for _ in range(2):
+        step()
+    gc.collect()
+    base_kb = _status_kb("VmRSS")
+    _reset_peak()
+    step()
+    peak_kb = _status_kb("VmHWM")
+    opt.zero_grad(set_to_none=True)
+    saved = _saved_bytes(run, xs.clone())
+    opt.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    n_params = sum(p.numel() for p in params_module.parameters())
+    return {"method": method, "depth": depth, "peak_mb": (peak_kb - base_kb) / 1024, "rss_mb": peak_kb / 1024,
+            "saved_mb": saved / 2 ** 20, "step_ms": 1000 * statistics.median(times),
+            "params_mb": 4 * n_params / 2 ** 20, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- driver
+def _memcnn_available() -> bool:
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import memcnn  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def _spawn(method: str, depth: int, args) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_="0",
+               OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, "-m", "benchmarks.memory_saving", "--worker", method, "--depth", str(depth),
+           "--batch", str(args.batch), "--hidden", str(args.hidden), "--coupling", args.coupling,
+           "--scale", args.scale, "--steps", str(args.steps), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {method} depth {depth} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> list[dict]:
+    methods = [m for m in args.methods if m != "memcnn" or _memcnn_available()]
+    if "memcnn" in args.methods and "memcnn" not in methods:
+        print("memcnn is not importable: skipped (pip install --no-deps memcnn pathlib2 six)")
+    rows = []
+    for depth in args.depths:
+        for m in methods:
+            rows.append(_spawn(m, depth, args))
+            r = rows[-1]
+            print(f"  done {m:11s} depth {depth:3d}: peak {r['peak_mb']:8.1f} MB, {r['step_ms']:8.1f} ms", flush=True)
+    return rows
+
+
+def report(rows: list[dict], args) -> str:
+    by = {(r["method"], r["depth"]): r for r in rows}
+    lo, hi = min(args.depths), max(args.depths)
+    lines = [f"batch {args.batch}, (3, 32, 32), {args.coupling} coupling, hidden {args.hidden}, "
+             f"{rows[0]['threads']} threads; peak = growth of peak RSS during one training step",
+             f"{'method':12s} {'depth':>5s} {'peak MB':>9s} {'saved MB':>9s} {'params MB':>9s} {'step ms':>9s} "
+             f"{'time / stored':>13s}"]
+    for r in rows:
+        st = by.get(("stored", r["depth"]))
+        ratio = r["step_ms"] / st["step_ms"] if st else float("nan")
+        lines.append(f"{r['method']:12s} {r['depth']:5d} {r['peak_mb']:9.1f} {r['saved_mb']:9.1f} "
+                     f"{r['params_mb']:9.1f} {r['step_ms']:9.1f} {ratio:13.2f}")
+    for m in ("stored", "stableflows", "memcnn"):
+        if (m, lo) in by and (m, hi) in by:
+            mem = by[m, hi]["peak_mb"] / by[m, lo]["peak_mb"]
+            target = f" (target <= {TARGET_MEMORY_RATIO})" if m == "stableflows" else ""
+            lines.append(f"{m}: peak memory depth {hi} / depth {lo} = {mem:.2f}{target}")
+    for m in ("stableflows", "memcnn"):
+        if (m, hi) in by and ("stored", hi) in by:
+            t = by[m, hi]["step_ms"] / by["stored", hi]["step_ms"]
+            target = f" (target <= {TARGET_TIME_RATIO})" if m == "stableflows" else ""
+            lines.append(f"{m}: step time / stored-activation step time at depth {hi} = {t:.2f}{target}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depths", type=int, nargs="+", default=[4, 32])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--coupling", default="additive", choices=("additive", "affine"))
+    p.add_argument("--scale", default="sigmoid")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--worker", default=None, choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--depth", type=int, default=4, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.depth, args)))
+        return
+    rows = run(args)
+    print(report(rows, args))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
