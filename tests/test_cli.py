@@ -110,6 +110,10 @@ def test_bad_input_exit_codes(run_dir, tmp_path, capsys):
     assert main(["train", "--data", "mnist", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "m")]) == 2
     assert "mnist" in capsys.readouterr().err.lower()
     assert not (tmp_path / "m").exists()
+    # continuous 2-D data through the default logit pre-transform: rejected with the remedy, nothing written
+    assert main(["train", "--data", "moons", "--n-toy", "500", "--out-dir", str(tmp_path / "t"), "--no-progress"]) == 2
+    assert "--logit-alpha 0" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
 
 
 def test_failure_after_start_exits_1(monkeypatch, tmp_path, capsys):

@@ -125,3 +125,14 @@ def test_help_lists_every_option(capsys):
             assert f"--{flag_for(section, f.name)}" in out
     assert "--no-actnorm" in out and "--config" in out and "--resume" in out
     assert {"train", "eval", "sample"} <= set(build_parser()._subparsers._group_actions[0].choices)
+
+
+def test_demo_config_is_valid():
+    from pathlib import Path
+
+    from stableflows.train.loop import validate_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
+    validate_config(cfg)
+    assert cfg.model.model == "glow" and cfg.data.name == "digits" and cfg.train.out_dir == "runs/demo"
+    assert 60 <= cfg.train.time_budget <= 180  # make demo must finish within 5 minutes on 2 cores

@@ -415,9 +415,8 @@ def train(cfg: RunConfig, *, resume: bool = False, model: nn.Module | None = Non
     if tuple(getattr(model, "shape", splits.shape)) != tuple(splits.shape):
         raise ShapeError(f"model event shape {tuple(model.shape)} does not match data shape {tuple(splits.shape)}")
     model.to(device)
-    out.mkdir(parents=True, exist_ok=True)
-
     tr = _Trainer(cfg, model, splits, objective or MaximumLikelihood(), callbacks, device)
+    out.mkdir(parents=True, exist_ok=True)
     if saved is not None:
         tr.load_state(saved)
         tr.rewrite_jsonl()  # drop records written after the checkpoint
