@@ -16,7 +16,9 @@ Every (method, depth) runs in a fresh subprocess. Memory, measured two ways:
   (``torch.autograd.graph.saved_tensors_hooks``, parameters excluded, each storage once): the
   activations themselves; deterministic.
 
-Time: median of ``--steps`` training steps after the warm-up. The model is
+Time: one more subprocess per depth builds the model once and times the methods on the same layers,
+alternating them step by step (so that load from other processes hits all of them alike); median of
+``--steps`` steps per method after a warm-up. The model is
 ``classifier(shape=(3, 32, 32), levels=1, steps_per_level=depth, coupling=...)`` (squeeze, then
 ``depth`` x [ActNorm, 1x1 conv, coupling]) with a linear head and cross-entropy on random data.
 memcnn wraps each of the same layers (log-det dropped) in its ``InvertibleModuleWrapper``.
@@ -52,22 +54,26 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def _build(method: str, depth: int, args):
+def _model(depth: int, args, memory_saving: bool):
     import torch
-    from torch import nn
 
     from stableflows.models.classifier import classifier
 
     torch.manual_seed(0)
     model = classifier(shape=(3, 32, 32), n_classes=10, levels=1, steps_per_level=depth, hidden=args.hidden,
-                       coupling=args.coupling, scale=args.scale, memory_saving=(method == "stableflows"))
+                       coupling=args.coupling, scale=args.scale, memory_saving=memory_saving)
     x0 = torch.rand(args.batch, 3, 32, 32)
     model.train()
     with torch.no_grad():
         model.log_prob(x0)  # ActNorm initialisation
-    if method != "memcnn":
-        return model, model, lambda x: model(x)
+    return model
+
+
+def _memcnn_run(model):
+    """``head(chain(x))`` with every layer of ``model.flow`` in memcnn's InvertibleModuleWrapper."""
     import warnings
+
+    from torch import nn
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -88,8 +94,14 @@ def _build(method: str, depth: int, args):
 
     chain = nn.Sequential(*[InvertibleModuleWrapper(Adapter(t), keep_input=False, keep_input_inverse=False)
                             for t in model.flow.layers])
-    holder = nn.ModuleDict({"chain": chain, "head": model.head})
-    return holder, model, lambda x: model.head(chain(x))
+    return lambda x: model.head(chain(x))
+
+
+def _build(method: str, depth: int, args):
+    model = _model(depth, args, memory_saving=(method == "stableflows"))
+    if method != "memcnn":
+        return model, lambda x: model(x)
+    return model, _memcnn_run(model)
 
 
 def _saved_bytes(run, x) -> int:
@@ -111,27 +123,35 @@ def _saved_bytes(run, x) -> int:
     return total[0]
 
 
-def worker(method: str, depth: int, args) -> dict:
-    import gc
-
+def _stepper(model, run, args):
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(args.threads)
-    params_module, model, run = _build(method, depth, args)
-    opt = torch.optim.AdamW(params_module.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
     xs = torch.rand(args.batch, 3, 32, 32, generator=g)
     ys = torch.randint(0, 10, (args.batch,), generator=g)
 
-    def step():
+    def step(fn=run):
         x = xs.clone()  # memcnn frees the storage of its input
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(run(x), ys)
+        loss = F.cross_entropy(fn(x), ys)
         loss.backward()
         opt.step()
         return float(loss.detach())
 
+    return step, opt, xs
+
+
+def worker(method: str, depth: int, args) -> dict:
+    """Peak-RSS growth of one training step and saved-tensor bytes, in a fresh process."""
+    import gc
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, run = _build(method, depth, args)
+    step, opt, xs = _stepper(model, run, args)
     for _ in range(2):
         step()
     gc.collect()
@@ -141,16 +161,33 @@ def worker(method: str, depth: int, args) -> dict:
     peak_kb = _status_kb("VmHWM")
     opt.zero_grad(set_to_none=True)
     saved = _saved_bytes(run, xs.clone())
-    opt.zero_grad(set_to_none=True)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    n_params = sum(p.numel() for p in params_module.parameters())
+    n_params = sum(p.numel() for p in model.parameters())
     return {"method": method, "depth": depth, "peak_mb": (peak_kb - base_kb) / 1024, "rss_mb": peak_kb / 1024,
-            "saved_mb": saved / 2 ** 20, "step_ms": 1000 * statistics.median(times),
-            "params_mb": 4 * n_params / 2 ** 20, "threads": torch.get_num_threads()}
+            "saved_mb": saved / 2 ** 20, "params_mb": 4 * n_params / 2 ** 20, "threads": torch.get_num_threads()}
+
+
+def time_worker(depth: int, methods: list[str], args) -> dict:
+    """Median step time of each method on the same model, methods alternating step by step."""
+    import torch
+
+    from stableflows.memory import set_memory_saving
+
+    torch.set_num_threads(args.threads)
+    model = _model(depth, args, memory_saving=True)
+    runs = {"stored": lambda x: model(x), "stableflows": lambda x: model(x)}
+    if "memcnn" in methods:
+        runs["memcnn"] = _memcnn_run(model)
+    step, _, _ = _stepper(model, None, args)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(args.steps + 1):  # round 0 is the warm-up
+        order = methods[r % len(methods):] + methods[:r % len(methods)]
+        for m in order:
+            set_memory_saving(model, m == "stableflows")
+            t0 = time.perf_counter()
+            step(runs[m])
+            if r > 0:
+                times[m].append(time.perf_counter() - t0)
+    return {m: 1000 * statistics.median(v) for m, v in times.items()}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -166,12 +203,14 @@ def _memcnn_available() -> bool:
         return False
 
 
-def _spawn(method: str, depth: int, args) -> dict:
+def _spawn(method: str, depth: int, args, methods: list[str] | None = None) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_="0",
                OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, "-m", "benchmarks.memory_saving", "--worker", method, "--depth", str(depth),
            "--batch", str(args.batch), "--hidden", str(args.hidden), "--coupling", args.coupling,
            "--scale", args.scale, "--steps", str(args.steps), "--threads", str(args.threads)]
+    if methods:
+        cmd += ["--methods", *methods]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if out.returncode != 0:
         raise RuntimeError(f"worker {method} depth {depth} failed:\n{out.stderr[-3000:]}")
@@ -184,8 +223,9 @@ def run(args) -> list[dict]:
         print("memcnn is not importable: skipped (pip install --no-deps memcnn pathlib2 six)")
     rows = []
     for depth in args.depths:
+        times = _spawn("time", depth, args, methods)
         for m in methods:
-            rows.append(_spawn(m, depth, args))
+            rows.append({**_spawn(m, depth, args), "step_ms": times[m]})
             r = rows[-1]
             print(f"  done {m:11s} depth {depth:3d}: peak {r['peak_mb']:8.1f} MB, {r['step_ms']:8.1f} ms", flush=True)
     return rows
@@ -227,9 +267,12 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--json", default=None, help="also write the rows to this file")
-    p.add_argument("--worker", default=None, choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", default=None, choices=METHODS + ("time",), help=argparse.SUPPRESS)
     p.add_argument("--depth", type=int, default=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker == "time":
+        print(json.dumps(time_worker(args.depth, args.methods, args)))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.depth, args)))
         return
