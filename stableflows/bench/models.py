@@ -1,0 +1,98 @@
+"""stableflows' own contenders and the registry of every benchmarked model.
+
+``CONTENDERS``: name -> builder ``(hidden: int | None, preprocess: str) -> Contender``. Names are
+``library-model``. The peer libraries' builders live in :mod:`.peers` and are listed only when
+the library imports. :data:`REFERENCE` (stableflows' Glow at its default width) fixes the
+parameter count the other contenders are matched to.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .contender import EVENT_SHAPE, LOGIT_ALPHA, PREPROCESS, Contender, match_hidden
+
+__all__ = ["CONTENDERS", "REFERENCE", "DEFAULT_HIDDEN", "available", "build", "stableflows_config",
+           "reference_params"]
+
+REFERENCE = "stableflows-glow"
+DEFAULT_HIDDEN = 128  # stableflows' Glow of configs/demo.toml (2 levels x 4 steps): the reference size
+
+
+def stableflows_config(model: str, hidden: int, preprocess: str) -> ModelConfig:
+    """The :class:`ModelConfig` of a stableflows contender (2 levels x 4 steps/blocks on 8x8 digits)."""
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
+    alpha = LOGIT_ALPHA if preprocess == "logit" else 0.0
+    cfg = ModelConfig(model=model, hidden=hidden, levels=2, steps_per_level=4, logit_alpha=alpha)
+    if model == "realnvp":
+        cfg = dataclasses.replace(cfg, scale="exp", mask="checkerboard")
+    return cfg
+
+
+def _stableflows(model: str, family: str, description: str) -> Callable[..., Contender]:
+    def build(hidden: int | None = None, preprocess: str = "logit") -> Contender:
+        from ..models.registry import build_model
+
+        h = DEFAULT_HIDDEN if hidden is None else hidden
+        flow = build_model(stableflows_config(model, h, preprocess), EVENT_SHAPE)
+
+        def log_prob(m: nn.Module, v: Tensor) -> Tensor:
+            return m.log_prob(v)
+
+        def forward(m: nn.Module, v: Tensor) -> Tensor:
+            return m(v)[0]
+
+        def inverse(m: nn.Module, z: Tensor) -> Tensor:
+            return m.inverse(z)[0]
+
+        return Contender(name=f"stableflows-{model}", library="stableflows", family=family, module=flow,
+                         log_prob=log_prob, forward=forward, inverse=inverse, hidden=h, description=description)
+
+    return build
+
+
+def _has_model(name: str) -> bool:
+    from ..models.registry import MODELS, _load_optional
+
+    _load_optional()
+    return name in MODELS
+
+
+CONTENDERS: dict[str, Callable[..., Contender]] = {
+    "stableflows-glow": _stableflows("glow", "glow-like", "2 levels x 4 steps [ActNorm, LU 1x1 conv, affine "
+                                     "coupling sigma(s+2)], learned split prior, logit"),
+    "stableflows-realnvp": _stableflows("realnvp", "realnvp-like", "2 levels x 4 affine couplings (exp scale, "
+                                        "checkerboard), ActNorm, logit"),
+    "stableflows-resflow": _stableflows("resflow", "residual", "2 levels x 4 residual blocks (LipSwish, "
+                                        "spectral norm c=0.98, Russian roulette), logit"),
+}
+_OPTIONAL = {"stableflows-resflow": "resflow"}  # contender -> stableflows model it needs
+
+
+def available() -> dict[str, Callable[..., Contender]]:
+    """Every contender that can be built here (stableflows' and those of the peers that import)."""
+    from . import peers
+
+    out = {k: v for k, v in CONTENDERS.items() if k not in _OPTIONAL or _has_model(_OPTIONAL[k])}
+    out.update(peers.available())
+    return out
+
+
+def reference_params(preprocess: str = "logit") -> int:
+    return CONTENDERS[REFERENCE](None, preprocess).n_params
+
+
+def build(name: str, *, hidden: int | None = None, match: int | None = None, preprocess: str = "logit") -> Contender:
+    """Build contender ``name`` at width ``hidden``, or at the width whose parameter count is closest
+    to ``match`` (``hidden`` and ``match`` both None: the contender's default width)."""
+    table = available()
+    if name not in table:
+        raise KeyError(f"unknown or unavailable contender {name!r}; available: {', '.join(table)}")
+    builder = table[name]
+    if hidden is None and match is not None:
+        hidden = match_hidden(lambda h: builder(h, preprocess), match)
+    return builder(hidden, preprocess)

@@ -1,0 +1,265 @@
+"""A benchmark session: every model in its own process, one after the other, one report.
+
+One process per model keeps the measurements apart (peak memory, thread pools, libraries'
+global state); the session runs them sequentially in a single invocation, so all numbers come
+from the same machine at the same time. Results go to ``OUT_DIR/<UTC time>/bench.json`` and
+``bench.md``, copied to ``OUT_DIR/latest.json`` and ``latest.md``.
+
+The report checks the targets of the benchmark issue on the numbers it holds:
+
+1. the lowest validation-selected test bpd of all models is a stableflows model's;
+2. stableflows' Glow makes at least as many steps/s as every Glow-like peer (with the parameter
+   counts, which the session matches to stableflows' Glow);
+3. for every input family where a peer model has non-finite reconstructions, which stableflows
+   models have none (reported either way: the audit decides whether a model is stable).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .harness import OOD_BENCH_FAMILIES, BenchSettings
+
+__all__ = ["run_session", "write_report", "markdown", "check_targets", "machine_info", "CHILD_TIMEOUT_FACTOR"]
+
+CHILD_TIMEOUT_FACTOR = 4.0  # a model's process is stopped after factor x budget + CHILD_TIMEOUT_EXTRA_S
+CHILD_TIMEOUT_EXTRA_S = 600.0
+RECON_FAMILIES = ("test",) + OOD_BENCH_FAMILIES
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("stableflows", "normflows", "zuko", "FrEIA", "nflows"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _child(name: str, s: BenchSettings, target: int | None, out: Path) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads),
+           "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "stableflows.bench.harness", name, "--settings", json.dumps(dataclasses.asdict(s)),
+           "--out", str(out)]
+    if target is not None:
+        cmd += ["--target-params", str(target)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT_FACTOR * s.budget + CHILD_TIMEOUT_EXTRA_S)
+    except subprocess.TimeoutExpired:
+        return {"name": name, "error": f"timed out after {time.perf_counter() - t0:.0f} s"}
+    if out.is_file():
+        rec = json.loads(out.read_text())
+    else:
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        rec = {"name": name, "error": f"exit status {proc.returncode}: {' | '.join(tail)}"[:500]}
+    rec["process_wall_s"] = time.perf_counter() - t0
+    return rec
+
+
+def run_session(names: Sequence[str], settings: BenchSettings, out_dir: str | Path = "runs/bench", *,
+                log: Callable[[str], None] = print) -> tuple[dict[str, Any], Path]:
+    """Benchmark ``names`` one process each; returns ``(report dict, directory written)``."""
+    from .flops import matmul_rate
+    from .models import reference_params
+
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    target = reference_params(settings.preprocess) if settings.match_params else None
+    started = _dt.datetime.now(_dt.timezone.utc)
+    session = {"started_utc": started.isoformat(timespec="seconds"), "machine": machine_info(),
+               "libraries": library_versions(), "settings": dataclasses.asdict(settings),
+               "target_params": target, "matmul_at_start": matmul_rate(device=settings.device), "results": []}
+    with tempfile.TemporaryDirectory(prefix="stableflows-bench-") as tmp:
+        for i, name in enumerate(names):
+            log(f"[{i + 1}/{len(names)}] {name}: training for {settings.budget:g} s ...")
+            rec = _child(name, settings, target, Path(tmp) / f"{i}.json")
+            session["results"].append(rec)
+            log(f"    {_one_line(rec)}")
+    session["matmul_at_end"] = matmul_rate(device=settings.device)
+    session["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    session["targets"] = check_targets(session["results"])
+    return session, write_report(session, out_dir, stamp=started.strftime("%Y%m%dT%H%M%SZ"))
+
+
+def _num(v) -> float | None:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, str):  # non-finite floats are stored as strings ("inf", "nan")
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def _one_line(r: dict) -> str:
+    if "error" in r:
+        return f"failed: {r['error']}"
+    return (f"{r['params']} params, {r['steps']} steps ({_fmt(r['steps_per_s'], '.1f')}/s), test bpd "
+            f"{_fmt(r['test_bpd_selected'], '.3f')} selected / {_fmt(r['test_bpd_end'], '.3f')} end")
+
+
+def _fmt(v, spec: str = ".3g") -> str:
+    x = _num(v)
+    if x is None:
+        return "–" if v is None else str(v)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return format(x, spec)
+
+
+def check_targets(results: list[dict]) -> dict[str, Any]:
+    """The issue's targets evaluated on one session's results (see the module docstring)."""
+    ok = [r for r in results if "error" not in r]
+    ours = [r for r in ok if r["library"] == "stableflows"]
+    peers = [r for r in ok if r["library"] != "stableflows"]
+    out: dict[str, Any] = {}
+
+    def bpd(r):
+        v = _num(r.get("test_bpd_selected"))
+        return v if v is not None and math.isfinite(v) else math.inf
+
+    if ok:
+        best = min(ok, key=bpd)
+        out["lowest_test_bpd"] = {"model": best["name"], "bpd": bpd(best), "met": best["library"] == "stableflows"}
+    glow = next((r for r in ours if r["name"] == "stableflows-glow"), None)
+    glow_peers = [r for r in peers if r.get("family") == "glow-like"]
+    if glow and glow_peers:
+        rows = [{"peer": r["name"], "peer_params": r["params"], "peer_steps_per_s": r["steps_per_s"],
+                 "ratio": glow["steps_per_s"] / r["steps_per_s"] if r["steps_per_s"] else None} for r in glow_peers]
+        out["glow_speed"] = {"stableflows_params": glow["params"], "stableflows_steps_per_s": glow["steps_per_s"],
+                             "peers": rows, "met": all(x["ratio"] is not None and x["ratio"] >= 1.0 for x in rows)}
+    fam_rows = []
+    for fam in RECON_FAMILIES:
+        bad_peers = [r["name"] for r in peers if (_num(r["reconstruction"][fam]["nonfinite_pct"]) or 0) > 0]
+        if bad_peers:
+            clean = [r["name"] for r in ours if (_num(r["reconstruction"][fam]["nonfinite_pct"]) or 0) == 0]
+            fam_rows.append({"family": fam, "peers_with_nonfinite": bad_peers, "stableflows_all_finite": clean,
+                             "met": len(clean) == len(ours)})
+    out["nonfinite"] = {"families": fam_rows, "met": all(r["met"] for r in fam_rows)}
+    return out
+
+
+def markdown(session: dict[str, Any]) -> str:
+    """The session as Markdown: a quality/speed table, a stability table and the targets."""
+    m, s = session["machine"], session["settings"]
+    lines = [
+        f"# stableflows bench — {session['started_utc']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+        + (f", GPU {m['cuda']}" if m.get("cuda") else "") + (f", load average at start {m['load_average']}"
+                                                             if m.get("load_average") else ""),
+        f"Task: digits (8x8, 17 levels), batch {s['batch_size']}, {s['threads']} threads, {s['budget']:g} s of "
+        f"training per model, pre-transform `{s['preprocess']}`, parameters matched to "
+        f"{session.get('target_params') or 'nothing (own widths)'}, device {s['device']}.",
+        f"Libraries: {', '.join(f'{k} {v}' for k, v in session['libraries'].items() if v)}.",
+        f"Reference matmul ({int(session['matmul_at_start']['n'])}^2, float32): "
+        f"{session['matmul_at_start']['flops_per_s'] / 1e9:.1f} GFLOP/s at start, "
+        f"{session['matmul_at_end']['flops_per_s'] / 1e9:.1f} at end." if "matmul_at_end" in session else "",
+        "",
+        "| model | family | params | steps/s | test bpd (val-selected @ step) | test bpd (end) | peak RSS Δ MiB "
+        "| inverse ms (64) | GFLOP/step | % of matmul |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    results = session["results"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | | | | | | |")
+            continue
+        fl = r.get("flops") or {}
+        frac = _num(fl.get("fraction_of_matmul"))
+        lines.append(
+            f"| {r['name']} | {r['family']} | {r['params']:,} | {_fmt(r['steps_per_s'], '.1f')} "
+            f"| {_fmt(r['test_bpd_selected'], '.3f')} @ {r.get('selected_step')} | {_fmt(r['test_bpd_end'], '.3f')} "
+            f"| {_fmt(r['memory']['peak_rss_delta_mb'], '.0f')} "
+            f"| {_fmt(_num(r['inverse_s']) * 1e3 if _num(r['inverse_s']) is not None else None, '.1f')} "
+            f"| {_fmt((_num(fl.get('step_flops')) or math.nan) / 1e9, '.2f')} "
+            f"| {_fmt(100 * frac if frac is not None else None, '.1f')} |")
+    lines += ["", "Reconstruction ||v - F^-1(F(v))||_2 of the selected weights: median (max) over accepted inputs; "
+              "`nf` = % non-finite, `ref` = % refused by the model (input outside its domain).", "",
+              "| model | " + " | ".join(RECON_FAMILIES) + " |", "|---|" + "---|" * len(RECON_FAMILIES)]
+    for r in results:
+        if "error" in r:
+            continue
+        cells = []
+        for fam in RECON_FAMILIES:
+            e = r["reconstruction"][fam]
+            cells.append(f"{_fmt(e['median_l2'], '.1e')} ({_fmt(e['max_l2'], '.1e')}) nf {_fmt(e['nonfinite_pct'], '.0f')}"
+                         f" ref {_fmt(e['refused_pct'], '.0f')}")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Targets", ""] + _target_lines(session.get("targets", {}))
+    return "\n".join(lines) + "\n"
+
+
+def _target_lines(t: dict[str, Any]) -> list[str]:
+    out = []
+    if "lowest_test_bpd" in t:
+        x = t["lowest_test_bpd"]
+        out.append(f"- Lowest validation-selected test bpd: {x['model']} ({_fmt(x['bpd'], '.3f')}) — "
+                   f"{'met' if x['met'] else 'NOT met'}.")
+    if "glow_speed" in t:
+        g = t["glow_speed"]
+        peers = "; ".join(f"{p['peer']} ({p['peer_params']:,} params) {_fmt(p['peer_steps_per_s'], '.1f')}/s, "
+                          f"ratio {_fmt(p['ratio'], '.2f')}" for p in g["peers"])
+        out.append(f"- stableflows Glow ({g['stableflows_params']:,} params) "
+                   f"{_fmt(g['stableflows_steps_per_s'], '.1f')} steps/s vs {peers} — {'met' if g['met'] else 'NOT met'}.")
+    nf = t.get("nonfinite", {})
+    if nf.get("families"):
+        for f in nf["families"]:
+            out.append(f"- {f['family']}: peers with non-finite reconstructions {', '.join(f['peers_with_nonfinite'])}; "
+                       f"stableflows models with none: {', '.join(f['stableflows_all_finite']) or 'none'} — "
+                       f"{'met' if f['met'] else 'NOT met'}.")
+    elif nf:
+        out.append("- No peer model had non-finite reconstructions on any family (nothing to compare).")
+    return out
+
+
+def write_report(session: dict[str, Any], out_dir: str | Path, *, stamp: str) -> Path:
+    """Write ``bench.json`` and ``bench.md`` under ``out_dir/stamp`` and copy them to ``latest.*``."""
+    from .harness import _json_safe
+
+    d = Path(out_dir) / stamp
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "bench.json").write_text(json.dumps(_json_safe(session), indent=1) + "\n")
+    (d / "bench.md").write_text(markdown(session))
+    shutil.copyfile(d / "bench.json", Path(out_dir) / "latest.json")
+    shutil.copyfile(d / "bench.md", Path(out_dir) / "latest.md")
+    return d
