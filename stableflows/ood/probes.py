@@ -30,8 +30,10 @@ FIXED_NOISE_SEED = 0  # DESIGN.md: test bits/dim use u drawn with seed 0
 
 
 def fixed_dequantize(x_int: Tensor, levels: int, seed: int = FIXED_NOISE_SEED) -> Tensor:
-    """``(x + u) / L`` with ``u ~ U[0,1)`` from a CPU generator seeded ``seed`` (float64)."""
-    u = torch.rand(x_int.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    """``(x + u) / L`` (float64) with ``u ~ U[0,1)`` drawn in float32 from a CPU generator seeded
+    ``seed`` -- the same ``u`` as :func:`stableflows.train.evaluate.fixed_noise` and
+    :func:`stableflows.metrics.bits_per_dim` on float32 splits, so the bits/dim agree with training."""
+    u = torch.rand(x_int.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).double()
     return (x_int.double().cpu() + u) / levels
 
 

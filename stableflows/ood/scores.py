@@ -106,10 +106,13 @@ def average_precision(s_in, s_ood) -> float:
 
 
 def fpr_at_tpr(s_in, s_ood, tpr: float = TPR_LEVEL) -> float:
-    """Fraction of in-distribution examples flagged when the threshold detects ``tpr`` of the OOD set
-    (threshold = the ``1 - tpr`` quantile of the OOD scores, lower interpolation; ``s >= thr`` is flagged)."""
+    """Fraction of in-distribution examples flagged (``s >= thr``) at the largest threshold ``thr`` that
+    still detects at least ``tpr`` of the OOD set (``thr`` = the ``ceil(tpr n_ood)``-th largest OOD score)."""
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must lie in (0, 1], got {tpr}")
     a, b = _check_pair(s_in, s_ood)
-    thr = np.quantile(b, 1.0 - tpr, method="lower")
+    k = math.ceil(tpr * b.size)
+    thr = np.sort(b)[::-1][k - 1]
     return float(np.mean(a >= thr))
 
 

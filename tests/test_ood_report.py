@@ -1,0 +1,128 @@
+"""End to end: a briefly trained digits flow through ``stableflows ood`` (the command module) and
+through the Python API; the report files, their numbers and the flags they must carry."""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from stableflows.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from stableflows.data import load_dataset
+from stableflows.ood import OODConfig, analyze, build_sets, cli
+from stableflows.train.checkpoint import load_checkpoint, save_checkpoint
+from stableflows.train.evaluate import load_flow
+from stableflows.train.loop import train
+
+FAMILIES = ("uniform", "constant", "out_of_range", "natural_patches")
+
+
+def _train(out, seed: int, model: str = "glow"):
+    cfg = RunConfig(model=ModelConfig(model=model, hidden=8, levels=2, steps_per_level=1),
+                    data=DataConfig(name="digits"),
+                    train=TrainConfig(steps=25, batch_size=64, lr=3e-3, warmup=5, eval_every=25, seed=seed,
+                                      out_dir=str(out), progress=False, threads=1))
+    train(cfg)
+    return out
+
+
+def _perturbed_copy(run, path, seed: int):
+    """A second ensemble member without a second training run: the checkpoint of ``run`` with its
+    weights perturbed, saved as a checkpoint of the same config."""
+    ckpt = load_checkpoint(run / "best.pt")
+    g = torch.Generator().manual_seed(seed)
+    weights = {k: (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() and "net" in k else v)
+               for k, v in ckpt["model"].items()}
+    save_checkpoint(path, {**{k: v for k, v in ckpt.items() if k not in ("format", "format_version")},
+                           "model": weights})
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ood")
+    a = _train(base / "a", 0)
+    return a, _perturbed_copy(a, base / "b.pt", 1), base
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_cli_report_end_to_end(runs):
+    a, b, base = runs
+    out = base / "report"
+    args = _parse([str(a), "--in", "digits", "--ood", ",".join(FAMILIES), "--report", str(out), "--n", "60",
+                   "--ensemble", str(b), "--typicality-m", "1,10", "--bootstrap", "100"])
+    assert cli.run(args) == 0
+    s = json.loads((out / "ood.json").read_text())
+    page = (out / "ood.html").read_text()
+    # the figures are embedded PNGs
+    imgs = page.split("data:image/png;base64,")[1:]
+    assert len(imgs) >= 5
+    assert base64.b64decode(imgs[0].split("'")[0])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<script" not in page
+    assert set(s["data"]["families"]) == set(FAMILIES)
+    for f in FAMILIES:
+        for m in s["scores"][f].values():
+            assert 0.0 <= m["auroc"] <= 1.0
+    # the logit pre-transform refuses out-of-range inputs: no likelihood, counted, detected
+    oor = s["sets"]["out_of_range"]
+    assert oor["status"]["outside_domain"] > 0
+    assert s["scores"]["out_of_range"]["likelihood (bpd)"]["nonfinite_ood"] == oor["status"]["outside_domain"]
+    # the round trip of in-distribution data works: invertible, nothing flagged
+    assert s["sets"]["test"]["invertibility"]["verdict"] == "invertible"
+    assert s["sets"]["test"]["invertibility"]["n_meaningless"] == 0
+    # decomposition adds up; probes and ensemble are there
+    assert all(d is None or d["max_abs_sum_error"] < 1e-3 for d in s["decomposition"].values())
+    assert len(s["probes"]["constant"]["bpd"]) == 17
+    assert s["ensemble"]["members"] == 2
+    assert s["second_order"]["families"]["test"]["dim"] == 64
+    assert any("mean bits/dim" in line for line in s["findings"])
+
+
+def test_api_numbers_are_consistent(runs):
+    a, _, _ = runs
+    flow, _ = load_flow(a)
+    splits = load_dataset(DataConfig(name="digits"))
+    cfg = OODConfig(families=("uniform", "constant"), n=40, typicality_m=(1,), bootstrap=50, second_order=False,
+                    check_invertibility=False, decompose_n=8)
+    r = analyze(flow, splits, cfg)
+    bpd = r.arrays["bpd"]
+    # bits/dim of the test split = the training loop's evaluation formula with the fixed noise (seed 0)
+    u = torch.rand(splits.test.shape, generator=torch.Generator().manual_seed(0))
+    v = (splits.test + u) / 17
+    with torch.no_grad():
+        ref = -(flow.log_prob(v).double().numpy() - 64 * math.log(17)) / (64 * math.log(2))
+    assert np.allclose(bpd["test"], ref, atol=1e-4)
+    # AUROC of the likelihood score is scikit-learn's on the same numbers
+    y = np.r_[np.zeros(len(bpd["test"])), np.ones(len(bpd["uniform"]))]
+    assert r.summary["scores"]["uniform"]["likelihood (bpd)"]["auroc"] == pytest.approx(
+        roc_auc_score(y, np.r_[bpd["test"], bpd["uniform"]]), abs=1e-12)
+    # entropy estimate = mean training bpd
+    assert r.summary["entropy_bpd_train"] == pytest.approx(float(np.mean(bpd["train"])))
+
+
+def test_bad_family_is_a_config_error():
+    from stableflows.config import ConfigError
+
+    splits = load_dataset(DataConfig(name="digits"))
+    with pytest.raises(ConfigError, match="unknown OOD family"):
+        build_sets(splits, OODConfig(families=("no_such_family",)))
+    with pytest.raises(ConfigError, match="discrete"):
+        build_sets(load_dataset(DataConfig(name="moons", n_toy=100)), OODConfig())
+
+
+def test_cli_rejects_wrong_in_dataset(runs):
+    from stableflows.config import ConfigError
+
+    a, _, base = runs
+    with pytest.raises(ConfigError, match="trained on digits"):
+        cli.run(_parse([str(a), "--in", "mnist", "--report", str(base / "x")]))
