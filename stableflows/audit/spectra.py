@@ -1,0 +1,205 @@
+"""Jacobian spectra of the forward ``J_F(x)`` and of the inverse ``J_{F^-1}(z)``, ``z = F(x)``.
+
+Reported per point: ``sigma_min``, ``sigma_max`` and the condition number ``sigma_max / sigma_min``
+(paper 000 Fig. 2/5; the supervised table of paper 001 lists min/max singular values).
+
+* **exact**: the full Jacobian as ``D`` vector-Jacobian products of ``x -> sum_b F(x)_b`` over one
+  forward graph (:func:`torch.func.vjp`, or plain autograd where torch.func cannot trace the model:
+  :mod:`.autodiff`; valid because a flow acts on each example independently), then
+  ``torch.linalg.svdvals`` in float64. Also the numerical ``log|det J|`` (``slogdet``) to
+  compare with the model's analytic log-det.
+* **iterative**: Lanczos on ``J^T J`` with full re-orthogonalisation, using only Jacobian-vector
+  products (:func:`torch.func.jvp`) and vector-Jacobian products (:func:`torch.func.vjp`), never
+  the full Jacobian. Ritz values bound the spectrum from inside: ``lambda_max`` converges from below
+  in a few steps, ``lambda_min`` from above but slowly (and ``J^T J`` squares the condition number).
+  So ``sigma_min(J_F)`` is also estimated as ``1 / sigma_max(J_{F^-1})`` (exact when the inverse is
+  exact); the smaller of the two upper bounds is reported, and symmetrically for the inverse.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import autodiff as _ad
+
+__all__ = ["Spectra", "jacobians", "exact_singular_values", "lanczos_gram_extremes", "spectra",
+           "EXACT_MAX_DIM", "LANCZOS_STEPS", "JACOBIAN_CHUNK_BYTES"]
+
+EXACT_MAX_DIM = 4096  # above this dimension "auto" switches to the iterative estimate
+LANCZOS_STEPS = 48  # Lanczos iterations (capped at the dimension)
+JACOBIAN_CHUNK_BYTES = 2 ** 28  # memory of one chunk of Jacobians (B_chunk * D_out * D_in entries)
+BREAKDOWN = 1e-10  # relative Lanczos residual below which the Krylov space is exhausted
+
+
+def _flat(fn: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
+    """``(B, D) -> (B, D_out)`` view of ``fn`` on ``(B, *in_shape)``."""
+    def f(v: Tensor) -> Tensor:
+        out = fn(v.reshape(v.shape[0], *in_shape))
+        return out.reshape(out.shape[0], -1)
+    return f
+
+
+def jacobians(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Per-example Jacobians ``(B, D_out, D_in)`` of a batch-independent ``fn`` at ``x (B, *shape)``."""
+    f = _flat(fn, tuple(x.shape[1:]))
+    xf = x.reshape(x.shape[0], -1).detach()
+    d = xf.shape[1]
+    chunk = max(1, JACOBIAN_CHUNK_BYTES // max(d * d * xf.element_size(), 1))
+    return _ad.jacobians(f, xf, chunk=chunk)
+
+
+def exact_singular_values(jac: Tensor) -> Tensor:
+    """Singular values ``(B, min(D_out, D_in))`` in descending order; rows of NaN where ``jac`` is not finite."""
+    ok = torch.isfinite(jac.reshape(jac.shape[0], -1)).all(dim=1)
+    sv = torch.full((jac.shape[0], min(jac.shape[1:])), float("nan"), dtype=jac.dtype)
+    if ok.any():
+        sv[ok] = torch.linalg.svdvals(jac[ok])
+    return sv
+
+
+def lanczos_gram_extremes(fn: Callable[[Tensor], Tensor], x: Tensor, steps: int = LANCZOS_STEPS, *,
+                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Largest and smallest Ritz values ``(B,), (B,)`` of ``J^T J`` after ``steps`` Lanczos steps.
+
+    Batched over examples. With ``steps >= D`` (and exact arithmetic) they are the extreme
+    eigenvalues; a Krylov breakdown restarts with a fresh orthogonal vector.
+    """
+    f = _flat(fn, tuple(x.shape[1:]))
+    xf = x.reshape(x.shape[0], -1).detach()
+    b, d = xf.shape
+    m = max(1, min(int(steps), d))
+    _, vjp = _ad.vjp_fn(f, xf)
+    jvp = _ad.jvp_fn(f, xf)
+
+    def gram(v: Tensor) -> Tensor:
+        return vjp(jvp(v)).detach()  # J^T J v, (B, D)
+
+    def rand_unit(q_basis: Tensor | None) -> Tensor:
+        v = torch.randn((b, d), generator=generator, dtype=torch.float64).to(xf)
+        if q_basis is not None:
+            for _ in range(2):
+                v = v - torch.einsum("bk,bkd->bd", torch.einsum("bkd,bd->bk", q_basis, v), q_basis)
+        return v / v.norm(dim=1, keepdim=True)
+
+    Q = torch.zeros((b, m, d), dtype=xf.dtype, device=xf.device)
+    alpha = torch.zeros((b, m), dtype=xf.dtype, device=xf.device)
+    beta = torch.zeros((b, m), dtype=xf.dtype, device=xf.device)
+    q, q_prev, beta_prev = rand_unit(None), torch.zeros_like(xf), torch.zeros(b, dtype=xf.dtype, device=xf.device)
+    scale = torch.ones(b, dtype=xf.dtype, device=xf.device)
+    for j in range(m):
+        Q[:, j] = q
+        w = gram(q)
+        a = (q * w).sum(1)
+        w = w - a[:, None] * q - beta_prev[:, None] * q_prev
+        basis = Q[:, : j + 1]
+        for _ in range(2):  # full re-orthogonalisation
+            w = w - torch.einsum("bk,bkd->bd", torch.einsum("bkd,bd->bk", basis, w), basis)
+        nb = w.norm(dim=1)
+        alpha[:, j] = a
+        scale = torch.maximum(scale, a.abs())
+        if j == m - 1:
+            break
+        dead = ~(nb > BREAKDOWN * scale)  # also catches NaN
+        fresh = rand_unit(basis) if bool(dead.any()) else None
+        q_new = torch.where(dead[:, None], fresh if fresh is not None else w, w / nb.clamp_min(1e-300)[:, None])
+        nb = torch.where(dead, torch.zeros_like(nb), nb)
+        beta[:, j] = nb
+        q_prev, q, beta_prev = q, q_new, nb
+    T = torch.diag_embed(alpha) + torch.diag_embed(beta[:, : m - 1], 1) + torch.diag_embed(beta[:, : m - 1], -1)
+    ok = torch.isfinite(T.reshape(b, -1)).all(dim=1)
+    lam_max = torch.full((b,), float("nan"), dtype=xf.dtype)
+    lam_min = torch.full((b,), float("nan"), dtype=xf.dtype)
+    if ok.any():
+        ev = torch.linalg.eigvalsh(T[ok])  # ascending
+        lam_max[ok], lam_min[ok] = ev[:, -1].cpu(), ev[:, 0].clamp_min(0).cpu()
+    return lam_max, lam_min
+
+
+@dataclass
+class Spectra:
+    """Singular values of ``J_F`` at ``x`` and of ``J_{F^-1}`` at ``z = F(x)`` for ``P`` points."""
+
+    method: str  # "exact" or "iterative"
+    dtype: str  # the dtype they were computed in (the float64 shadow when there is one)
+    index: Tensor  # (P,) positions of the points in their family
+    fwd_smin: Tensor
+    fwd_smax: Tensor
+    inv_smin: Tensor
+    inv_smax: Tensor
+    logdet_analytic: Tensor | None = None  # (P,) the model's log|det J_F|
+    logdet_numeric: Tensor | None = None  # (P,) slogdet of the exact Jacobian
+
+    @property
+    def fwd_cond(self) -> Tensor:
+        return self.fwd_smax / self.fwd_smin
+
+    @property
+    def inv_cond(self) -> Tensor:
+        return self.inv_smax / self.inv_smin
+
+    @property
+    def logdet_mismatch(self) -> Tensor | None:
+        if self.logdet_analytic is None or self.logdet_numeric is None:
+            return None
+        return (self.logdet_analytic - self.logdet_numeric).abs()
+
+
+def _safe(fn, x):
+    try:
+        return fn(x)
+    except Exception:  # noqa: BLE001 - reported as NaN spectra
+        return None
+
+
+def spectra(model, x: Tensor, index: Tensor, *, method: str = "auto", steps: int = LANCZOS_STEPS,
+            exact_max_dim: int = EXACT_MAX_DIM, seed: int = 0) -> Spectra:
+    """Spectra of ``model`` (an :class:`~stableflows.audit.adapters.Invertible`, already in the
+    wanted dtype) at the points ``x (P, *shape)``; ``index`` names them in their family."""
+    if method not in ("auto", "exact", "iterative"):
+        raise ValueError(f"spectra method must be auto, exact or iterative, got {method!r}")
+    d = math.prod(x.shape[1:])
+    if method == "auto":
+        method = "exact" if d <= exact_max_dim else "iterative"
+    x = x.detach().to(model.dtype)
+    p = x.shape[0]
+    nan = torch.full((p,), float("nan"), dtype=torch.float64)
+    res = Spectra(method, str(model.dtype).replace("torch.", ""), index.clone(), nan.clone(), nan.clone(),
+                  nan.clone(), nan.clone())
+    with torch.no_grad():
+        z = _safe(model.forward, x)
+    if z is None:
+        return res
+    if method == "exact":
+        jf, ji = _safe(lambda t: jacobians(model.forward, t), x), _safe(lambda t: jacobians(model.inverse, t), z)
+        if jf is not None:
+            sv = exact_singular_values(jf.double()).cpu()
+            res.fwd_smax, res.fwd_smin = sv[:, 0], sv[:, -1]
+            ok = torch.isfinite(jf.reshape(p, -1)).all(dim=1)
+            num = torch.full((p,), float("nan"), dtype=torch.float64)
+            if ok.any():
+                num[ok] = torch.linalg.slogdet(jf[ok].double())[1].cpu()
+            res.logdet_numeric = num
+        if ji is not None:
+            sv = exact_singular_values(ji.double()).cpu()
+            res.inv_smax, res.inv_smin = sv[:, 0], sv[:, -1]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        lf = _safe(lambda t: lanczos_gram_extremes(model.forward, t, steps, generator=g), x)
+        li = _safe(lambda t: lanczos_gram_extremes(model.inverse, t, steps, generator=g), z)
+        if lf is not None:
+            res.fwd_smax, res.fwd_smin = lf[0].double().sqrt(), lf[1].double().sqrt()
+        if li is not None:
+            res.inv_smax, res.inv_smin = li[0].double().sqrt(), li[1].double().sqrt()
+        # sigma_min(J_F) = 1 / sigma_max(J_F^-1): both estimates are upper bounds, keep the smaller
+        res.fwd_smin = torch.fmin(res.fwd_smin, 1.0 / res.inv_smax)
+        res.inv_smin = torch.fmin(res.inv_smin, 1.0 / res.fwd_smax)
+    if model.has_logdet:
+        with torch.no_grad():
+            ld = _safe(model.logdet, x)
+        if ld is not None:
+            res.logdet_analytic = ld.detach().double().cpu().reshape(p)
+    return res
