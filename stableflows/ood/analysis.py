@@ -38,7 +38,7 @@ from ..data.ood import DISCRETE_FAMILIES, OOD_FAMILIES, discrete_ood_family, ood
 from ..metrics import nats_to_bpd
 from . import scores as S
 from .decompose import STATUS_OK, Terms, decompose, likelihood_terms
-from .invertibility import INVERTIBLE_TOL, invertibility
+from .invertibility import INVERTIBLE_TOL, audit_verdicts, invertibility
 from .probes import GRAY_FACTORS, bpd_of, constant_inputs, fixed_dequantize, graying_curve, random_inputs
 from .second_order import HESSIAN_MAX_DIM, curvature, paper_eq6, second_order_prediction
 
@@ -213,6 +213,10 @@ def analyze(flows: nn.Module | Sequence[nn.Module], splits, cfg: OODConfig = OOD
             r = invertibility(model, s.v, tol=cfg.tol, batch_size=cfg.batch_size)
             meaningless[k] = r["meaningless"]
             inv_summary[k] = r["summary"]
+        try:
+            summary["audit"] = audit_verdicts(model, splits, fams, n=cfg.n, tol=cfg.tol, seed=cfg.seed)
+        except Exception as e:  # noqa: BLE001 - the per-example flags above stand on their own
+            summary["audit"] = {"error": f"{type(e).__name__}: {e}"}
     arrays["meaningless"] = meaningless
     for k, t in t0.items():
         summary["sets"][k] = {
@@ -386,7 +390,16 @@ def _findings(s: dict, fams: list) -> list[str]:
         if inv and inv["n_meaningless"]:
             msg += (f"; inverse NOT stable on {inv['n_meaningless']}/{inv['n']} inputs "
                     f"(likelihood there is meaningless)")
+        av = (s.get("audit") or {}).get(f)
+        if isinstance(av, dict) and av.get("status") == "not invertible":
+            msg += (f"; audit: NOT invertible ({av['n_fail']}/{av['n_checked']} fail, cause {av.get('cause') or '?'}"
+                    + (f", first at {av['culprit']}" if av.get("culprit") else "") + ")")
         out.append(msg)
+    au = s.get("audit") or {}
+    bad = [k for k, v in au.items() if isinstance(v, dict) and v.get("status") == "not invertible"]
+    if au and "error" not in au:
+        out.append("audit: " + (f"NOT invertible on {', '.join(bad)}" if bad else
+                                "invertible within tolerance on every audited family") + f" ({', '.join(au)})")
     c = s["probes"]["constant"]
     if c["min_bpd"] is not None and test_bpd is not None:
         out.append(f"constant images: lowest bpd {c['min_bpd']:.3f} vs test {test_bpd:.3f}"

@@ -7,7 +7,9 @@ is no longer the model's: such a likelihood is flagged *meaningless*.
 
 Per example (DESIGN.md): ``err = ||x - x_hat||_2``; the example is invertible within tolerance when
 ``x_hat`` is finite and ``err <= tol`` (default ``1e-3``, float32, data in [0, 1]). The round trip
-and error definitions are those of :mod:`stableflows.audit.reconstruction`.
+and error definitions are those of :mod:`stableflows.audit.reconstruction`. :func:`invertibility`
+flags every scored example; :func:`audit_verdicts` adds the audit's per-family verdicts (with the
+float64 shadow and the layer where the inverse first fails) on the audit's own family inputs.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["INVERTIBLE_TOL", "invertibility", "VERDICTS"]
+__all__ = ["INVERTIBLE_TOL", "invertibility", "audit_verdicts", "VERDICTS", "AUDIT_EXTRA"]
 
 INVERTIBLE_TOL = 1e-3  # DESIGN.md: invertible within tolerance
 VERDICTS = ("invertible", "not invertible", "outside domain")
@@ -62,3 +64,21 @@ def invertibility(flow: nn.Module, v: Tensor, *, tol: float = INVERTIBLE_TOL, ba
         "source": "stableflows.audit.reconstruction",
     }
     return {"meaningless": meaningless, "err": err, "summary": summary}
+
+
+AUDIT_EXTRA = ("test", "samples")  # audit families added to the OOD ones: held-out data and model samples
+
+
+def audit_verdicts(flow: nn.Module, splits, families, *, n: int | None = None, tol: float = INVERTIBLE_TOL,
+                   seed: int = 0) -> dict:
+    """Per-family verdicts of :func:`stableflows.audit.audit` (its own family inputs, float64 shadow to
+    separate floating-point from model causes, per-layer culprit of failures; no spectra or repeated
+    passes) for the generated OOD families in ``families`` plus held-out data and samples.
+    Returns ``{family: verdict dict}`` (see :class:`stableflows.audit.verdict.FamilyVerdict`)."""
+    from ..audit import audit
+    from ..audit.families import OOD_NAMES
+
+    names = list(AUDIT_EXTRA) + [f for f in families if f in OOD_NAMES]
+    rep = audit(flow, splits, families=",".join(names), n=n, tolerance=tol, repeat=0, spectra_points=0,
+                localize=True, localize_points=8, shadow=True, seed=seed)
+    return {k: v.to_dict() for k, v in rep.verdict.families.items()}

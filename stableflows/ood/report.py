@@ -279,6 +279,17 @@ def _html(result, figs: dict, title: str) -> str:
     parts += ["<h2>Sets</h2>", _table(["set", "what", "n", "bpd mean", "bpd std", "log p(z)/D", "logdet/D",
                                         "outside domain", "non-finite", "inverse", "meaningless", "max round-trip err"],
                                        rows)]
+    au = s.get("audit") or {}
+    if au:
+        parts.append("<h2>Invertibility audit (stableflows.audit): where a likelihood can be trusted</h2>")
+        if "error" in au:
+            parts.append(f"<p>audit failed: {html.escape(str(au['error']))}</p>")
+        else:
+            rows = [[html.escape(k), html.escape(v["status"]), f"{v['n_fail']}/{v['n_checked']}", _f(v["n_nonfinite"]),
+                     _f(v["n_outside_domain"]), _f(v["max_error"], 6), _f(v["shadow_max_error"], 6),
+                     html.escape(v.get("cause") or "-"), html.escape(v.get("culprit") or "-")] for k, v in au.items()]
+            parts.append(_table(["family", "verdict", "fail", "non-finite", "outside domain", "max err",
+                                 "max err float64", "cause", "first failing layer"], rows))
     if "bpd_histograms" in figs:
         parts.append("<h2>Bits/dim (paper 004 Fig. 2)</h2>" + _img(figs["bpd_histograms"]))
     sc = s["scores"]
