@@ -166,6 +166,24 @@ def test_inverse_does_not_update_power_iteration_and_eval_is_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(block(x), block(x)))
 
 
+@pytest.mark.parametrize("estimator", ["exact", "series", "roulette"])
+def test_inference_mode_and_no_grad(estimator):
+    """Values (no graph) under torch.no_grad / torch.inference_mode, equal to those with autograd."""
+    block = ResidualBlock(mlp_lipschitz(3, 8, coeff=0.9), estimator=estimator).double().eval()
+    x = torch.randn(4, 3, dtype=D64)
+    results = []
+    for ctx in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        torch.manual_seed(1)
+        with ctx():
+            z, ld = block(x)
+            x_rec, _ = block.inverse(z)
+        assert not ld.requires_grad or ctx is torch.enable_grad
+        results.append((z.detach().clone(), ld.detach().clone(), x_rec.detach().clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
 def test_branch_structures():
     g = conv_lipschitz(3, 7, coeff=0.9, input_shape=(4, 4))
     kinds = [type(m) for m in g]

@@ -10,12 +10,13 @@ with ``v`` Gaussian or Rademacher (+-1, lower variance).
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["LogDetEstimator", "PROBES", "sample_probe", "batch_dot"]
+__all__ = ["LogDetEstimator", "PROBES", "sample_probe", "batch_dot", "local_graph", "graph_leaf"]
 
 PROBES = ("gaussian", "rademacher")
 
@@ -32,6 +33,19 @@ def sample_probe(like: Tensor, kind: str) -> Tensor:
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-example inner product ``(B, *S), (B, *S) -> (B,)``."""
     return (a * b).reshape(a.shape[0], -1).sum(dim=1)
+
+
+@contextlib.contextmanager
+def local_graph() -> Iterator[None]:
+    """Autograd on inside the block, also under ``torch.no_grad`` and ``torch.inference_mode``: the
+    series needs vector-Jacobian products even when the caller only wants values."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def graph_leaf(x: Tensor) -> Tensor:
+    """A leaf copy of ``x`` that requires grad (a real copy for inference-mode tensors)."""
+    return (x.clone() if x.is_inference() else x.detach()).requires_grad_(True)
 
 
 class LogDetEstimator:

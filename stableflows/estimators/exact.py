@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import LogDetEstimator
+from .base import LogDetEstimator, graph_leaf, local_graph
 
 __all__ = ["ExactEstimator", "brute_force_jacobian_logdet"]
 
@@ -25,11 +25,11 @@ def brute_force_jacobian_logdet(g: Callable[[Tensor], Tensor], x: Tensor) -> tup
     d = math.prod(shape)
     params_need = isinstance(g, torch.nn.Module) and any(p.requires_grad for p in g.parameters())
     graph = torch.is_grad_enabled() and (x.requires_grad or params_need)
-    with torch.enable_grad():
+    with local_graph():
         if graph and x.requires_grad:
             xr = x.repeat_interleave(d, dim=0)  # (B * D, *S), a function of x
         else:
-            xr = x.detach().repeat_interleave(d, dim=0).requires_grad_(True)
+            xr = graph_leaf(x.detach().repeat_interleave(d, dim=0))
         out = g(xr).reshape(b, d, d)  # out[b, i, :] = g(x_b), computed on copy i
         (jac,) = torch.autograd.grad(out.diagonal(dim1=1, dim2=2).sum(), xr, create_graph=graph)
         jac = jac.reshape(b, d, d)  # jac[b, i, j] = d g_i / d x_j

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .base import batch_dot
+from .base import batch_dot, graph_leaf, local_graph
 
 __all__ = ["series_surrogate", "power_series_logdet", "BackwardInForward"]
 
@@ -120,8 +120,8 @@ def power_series_logdet(g: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, coe
     """``(g(x), weighted series)`` with the requested gradient mode (plain / Neumann / in forward)."""
     params = [p for p in g.parameters() if p.requires_grad] if isinstance(g, torch.nn.Module) else []
     if not (torch.is_grad_enabled() and (x.requires_grad or params)):
-        with torch.enable_grad():  # values only: no graph is kept
-            x_ = x.detach().requires_grad_(True)
+        with local_graph():  # values only: no graph is kept
+            x_ = graph_leaf(x)
             gx = g(x_)
             value, _ = series_surrogate(gx, x_, v, coeffs, neumann=True, create_graph=False)
         return gx.detach(), value

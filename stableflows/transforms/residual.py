@@ -98,6 +98,10 @@ class ResidualBlock(Transform):
         self.strict = bool(strict)
         self.last_inverse_residual: Tensor | None = None  # (B,) max |F(x) - z| per example, last inverse
 
+    def extra_repr(self) -> str:
+        return (f"estimator={self.estimator!r}, inverse_atol={self.inverse_atol:g}, "
+                f"inverse_rtol={self.inverse_rtol:g}, max_iter={self.max_iter}, strict={self.strict}")
+
     def lipschitz_bound(self) -> float | None:
         """Certified upper bound of ``Lip(g)`` (product of layer norms), None if not certifiable."""
         return lipschitz_bound(self.g)
