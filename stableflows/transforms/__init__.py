@@ -7,3 +7,10 @@ from .nets import MLP, GlowCNN  # noqa: F401
 from .normalization import ActNorm  # noqa: F401
 from .reshape import Squeeze, as_event_shape  # noqa: F401
 from .scales import SCALES, Scale, make_scale  # noqa: F401
+from .multiscale import ElementwiseAffine, Flatten, MultiScale, SplitPrior  # noqa: F401
+from .activations import ACTIVATIONS, ELU, LipSwish, Softplus, make_activation  # noqa: F401
+from .lipschitz import (NORMS, LipschitzConv2d, LipschitzLinear, SpectralConv2d, SpectralLinear,  # noqa: F401
+                        compute_lipschitz_exact, frozen_normalization, lipschitz_bound, operator_matrix,
+                        refresh_normalization)
+from .residual import (InverseNotConvergedWarning, NotContractiveError, ResidualBlock,  # noqa: F401
+                       conv_lipschitz, mlp_lipschitz)
