@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, DataConfig
 from ..data.ood import DISCRETE_FAMILIES, OOD_FAMILIES, discrete_ood_family, ood_family
+from ..data.registry import ALIASES as DATASET_ALIASES
 from ..metrics import nats_to_bpd
 from . import scores as S
 from .decompose import STATUS_OK, Terms, decompose, likelihood_terms
@@ -97,7 +98,7 @@ _DESCRIPTIONS = {
 def _dataset_family(name: str, splits, cfg: OODConfig, n: int) -> SetData:
     from ..data import load_dataset
 
-    other = load_dataset(DataConfig(name=name, data_dir=cfg.data_dir), seed=cfg.seed)
+    other = load_dataset(DataConfig(name=name, data_dir=cfg.data_dir, flatten=len(splits.shape) == 1), seed=cfg.seed)
     if tuple(other.shape) != tuple(splits.shape) or other.levels != splits.levels:
         raise ConfigError(f"OOD dataset {name} has shape {other.shape} and {other.levels} levels; the model's data "
                           f"{splits.name} has shape {splits.shape} and {splits.levels} levels")
@@ -122,8 +123,8 @@ def build_sets(splits, cfg: OODConfig = OODConfig()) -> dict[str, SetData]:
     for fam in cfg.families:
         if fam in sets:
             raise ConfigError(f"family name {fam!r} clashes with a split name")
-        if fam in DATASET_FAMILIES:
-            sets[fam] = _dataset_family(fam, splits, cfg, n)
+        if fam in DATASET_FAMILIES or fam in DATASET_ALIASES:
+            sets[fam] = _dataset_family(DATASET_ALIASES.get(fam, fam), splits, cfg, n)
         elif fam in DISCRETE_FAMILIES:
             m = min(n, len(test_x)) if fam in ("grayed", "inverted") else n
             x = discrete_ood_family(fam, test_x, m, levels=L, seed=cfg.seed)
