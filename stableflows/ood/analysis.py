@@ -242,7 +242,8 @@ def analyze(flows: nn.Module | Sequence[nn.Module], splits, cfg: OODConfig = OOD
     summary["probes"] = _probes(model, sets, shape, L, cfg, arrays)
 
     # 5. second-order analysis
-    summary["second_order"] = _second_order(model, sets, t0, fams, cfg) if cfg.second_order else None
+    summary["second_order"] = (_second_order(model, sets, t0, fams, cfg, summary["model"]["constant_volume"])
+                               if cfg.second_order else None)
 
     # 4. ensemble
     if len(flows) > 1:
@@ -323,7 +324,7 @@ def _probes(model, sets, shape, L, cfg, arrays) -> dict:
             "random": S.summarize(b_rand), "graying": gray}
 
 
-def _second_order(model, sets, t0, fams, cfg) -> dict:
+def _second_order(model, sets, t0, fams, cfg, constant_volume: bool) -> dict:
     xp = sets["train"].v
     d = int(np.prod(xp.shape[1:]))
     if d > HESSIAN_MAX_DIM:
@@ -336,7 +337,9 @@ def _second_order(model, sets, t0, fams, cfg) -> dict:
         curv = curvature(model, xp.double().mean(0))
     except Exception as e:  # noqa: BLE001 - e.g. the mean lies outside the model's domain
         return {"skipped": f"derivatives at the training mean failed: {type(e).__name__}: {e}"}
-    out: dict = {"x0": "mean of the training split (model space)", "families": {}}
+    out: dict = {"x0": "mean of the training split (model space)", "constant_volume": constant_volume,
+                 "note": None if constant_volume else "not a constant-volume flow: the Gauss-Newton and paper Eq. 6 "
+                 "forms omit the curvature of the log-det; Eq. 4 / 5 use the full Hessian", "families": {}}
     lp_train = float(np.mean(t0["train"].log_px[ok_p]))
     for f in ["test"] + fams:
         ok = t0[f].status == STATUS_OK
@@ -345,10 +348,12 @@ def _second_order(model, sets, t0, fams, cfg) -> dict:
             continue
         measured = float(np.mean(t0[f].log_px)) - lp_train
         r = second_order_prediction(model, xp, sets[f].v, curv=curv, measured=measured)
-        try:
-            r["paper_eq6"] = paper_eq6(model, xp, sets[f].v)["prediction"]
-        except (ValueError, RuntimeError):
-            r["paper_eq6"] = None
+        r["paper_eq6"] = None
+        if constant_volume:
+            try:
+                r["paper_eq6"] = paper_eq6(model, xp, sets[f].v)["prediction"]
+            except (ValueError, RuntimeError):
+                pass
         out["families"][f] = r
     return out
 

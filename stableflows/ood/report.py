@@ -333,6 +333,8 @@ def _html(result, figs: dict, title: str) -> str:
                                                                    "gauss_newton_diag", "paper_eq6", "trace_var_q")]
                                         if "measured" in r else [html.escape(r.get("skipped", ""))] + [""] * 6)
                     for f, r in so["families"].items()]
+            if so.get("note"):
+                parts.append(f"<p><b>note:</b> {html.escape(so['note'])}</p>")
             parts.append("<p>E_q[log p] - E_train[log p] in nats, expanded around the training mean; "
                          f"trace of the training variance {_f(next((r['trace_var_p'] for r in so['families'].values() if 'trace_var_p' in r), None), 2)}.</p>")
             parts.append(_table(["set", "measured", "Eq. 4", "Eq. 5", "Eq. 5 diag", "Gauss-Newton diag",
