@@ -13,7 +13,7 @@ from stableflows.models.classifier import InvertibleClassifier, classifier, hybr
 from stableflows.models.registry import build_model
 from stableflows.regularizers import FiniteDifferenceRegularizer, FlowObjectiveRegularizer
 from stableflows.train.objectives import Batch
-from stableflows.train.supervised import ClassificationObjective, HybridObjective, evaluate_classifier
+from stableflows.train.supervised import ClassificationObjective, HybridObjective, evaluate_classifier, make_objective
 
 torch.set_num_threads(1)
 LOG_2PI = math.log(2 * math.pi)
@@ -191,3 +191,15 @@ def test_short_training_on_digits_with_memory_saving():
     assert res["acc"] > 0.7, res
     assert guard.n_fallbacks == 0 and len(guard.history) == 3
     assert max(h[1] for h in guard.history) < 0.01  # additive: memory-saving gradients are exact
+
+
+def test_make_objective():
+    o = make_objective("classification", fd_forward=1e-3, fd_inverse=0.0, fd_every=5, nf_weight=0.01)
+    assert isinstance(o, ClassificationObjective) and o.fd.every == 5 and o.fd.weight_inverse == 0.0
+    assert o.nf.weight == 0.01
+    assert make_objective("classification").fd is None
+    h = make_objective("hybrid", lam=0.5)
+    assert isinstance(h, HybridObjective) and h.lam == 0.5
+    for bad in (dict(kind="regression"), dict(kind="hybrid", nf_weight=0.1)):
+        with pytest.raises(ValueError):
+            make_objective(**bad)

@@ -360,7 +360,7 @@ def _toy_train(inn, loss_fn, sample, *, steps: int, lr: float, fd: FiniteDiffere
         loss = total(inn, x)
         loss.backward()
         gn = float(torch.nn.utils.clip_grad_norm_(inn.parameters(), GRAD_CLIP))
-        if not (math.isfinite(gn) and math.isfinite(float(loss))):
+        if not (math.isfinite(gn) and math.isfinite(float(loss.detach()))):
             hist["nonfinite_steps"] += 1
             continue
         opt.step()

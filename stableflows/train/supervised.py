@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..regularizers import FiniteDifferenceRegularizer, FlowObjectiveRegularizer, nll_per_dim
+from ..regularizers import FD_EPS, FD_EVERY, FiniteDifferenceRegularizer, FlowObjectiveRegularizer, nll_per_dim
 from ..transforms.base import ShapeError
 from .evaluate import EVAL_BATCH, EVAL_SEED, fixed_noise, frozen_rng
 from .objectives import Batch
 
-__all__ = ["ClassificationObjective", "HybridObjective", "evaluate_classifier"]
+__all__ = ["ClassificationObjective", "HybridObjective", "evaluate_classifier", "make_objective", "OBJECTIVES"]
 
 
 class _Supervised:
@@ -142,6 +142,30 @@ class HybridObjective(_Supervised):
         loss, logs = loss + pen, {**logs, **l_fd}
         self._advance(model)
         return loss, logs
+
+
+OBJECTIVES = ("classification", "hybrid")
+
+
+def make_objective(kind: str, *, fd_forward: float = 0.0, fd_inverse: float = 0.0, fd_eps: float = FD_EPS,
+                   fd_every: int = FD_EVERY, nf_weight: float = 0.0, lam: float | None = None,
+                   label_smoothing: float = 0.0) -> _Supervised:
+    """The supervised objective ``kind`` from flat options (what config fields / CLI flags map onto):
+    FD weights of the forward and inverse terms (0 disables a term), step ``fd_eps``, every
+    ``fd_every`` steps; ``nf_weight`` of the NF regularizer (classification only; 0 disables);
+    ``lam`` of the hybrid objective (None: the model's)."""
+    fd = None
+    if fd_forward > 0 or fd_inverse > 0:
+        fd = FiniteDifferenceRegularizer(weight_forward=fd_forward, weight_inverse=fd_inverse, eps=fd_eps,
+                                         every=fd_every)
+    if kind == "classification":
+        nf = FlowObjectiveRegularizer(weight=nf_weight) if nf_weight > 0 else None
+        return ClassificationObjective(fd=fd, nf=nf, label_smoothing=label_smoothing)
+    if kind == "hybrid":
+        if nf_weight > 0:
+            raise ValueError("the hybrid objective already contains log p(x): use lam, not nf_weight")
+        return HybridObjective(lam=lam, fd=fd, label_smoothing=label_smoothing)
+    raise ValueError(f"unknown supervised objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
 @torch.no_grad()
