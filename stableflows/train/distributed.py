@@ -34,6 +34,7 @@ others wait at :meth:`DistEnv.barrier` where they must read what rank 0 wrote.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import inspect
@@ -68,7 +69,7 @@ __all__ = [
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # device type -> process-group backend
 RANK_SEED_STRIDE = 1_000_003  # rank r > 0 reseeds its global RNG with seed + r * stride after set-up
-SYNCED_METHODS = ("forward", "log_prob", "log_prob_parts")  # flow methods routed through DDP's forward
+SYNCED_METHODS = ("forward", "log_prob", "log_prob_parts")  # always routed through DDP's forward
 _ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -151,6 +152,24 @@ class DistEnv:
                                    "min": dist.ReduceOp.MIN}[op])
         return t.cpu()
 
+    def average(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean over ranks of every entry (every rank must hold the same keys)."""
+        if not self.enabled or not values:
+            return dict(values)
+        keys = sorted(values)
+        mean = self.all_reduce([float(values[k]) for k in keys]) / self.world_size
+        return dict(zip(keys, mean.tolist()))
+
+    def same(self, value: float, *, rtol: float = 1e-5) -> bool:
+        """Whether ``value`` agrees on every rank within ``rtol`` (True on one process)."""
+        if not self.enabled:
+            return True
+        hi, neg_lo = self.all_reduce([value, -value], "max").tolist()
+        lo = -neg_lo
+        if not (math.isfinite(hi) and math.isfinite(lo)):
+            return hi == lo or (math.isnan(hi) and math.isnan(lo))
+        return hi - lo <= rtol * max(abs(hi), abs(lo), 1e-30)
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (a collective decision)."""
         return bool(self.all_reduce([1.0 if flag else 0.0], "max")[0] > 0) if self.enabled else bool(flag)
@@ -197,6 +216,8 @@ def setup(device: str = "auto", *, backend: str | None = None) -> DistEnv:
     * a process group already initialised by the caller: used as it is;
     * ``WORLD_SIZE > 1`` in the environment (``torchrun``): ``init_process_group(backend,
       init_method="env://")`` with ``gloo`` for CPU and ``nccl`` for CUDA (``backend`` overrides);
+      the group lives until :func:`teardown` or the end of the process (creating and destroying
+      groups repeatedly races between ranks);
     * otherwise: a single process (no group).
     """
     if dist.is_available() and dist.is_initialized():
@@ -220,13 +241,20 @@ def setup(device: str = "auto", *, backend: str | None = None) -> DistEnv:
     if missing:
         raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun")
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+    atexit.register(_destroy_group)  # kept for later calls in this process (train twice, resume)
     return DistEnv(rank, world, local, dev, backend, owns_group=True)
 
 
-def teardown(env: DistEnv) -> None:
-    """Destroy the process group if :func:`setup` created it."""
-    if env.owns_group and dist.is_initialized():
+def _destroy_group() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def teardown(env: DistEnv) -> None:
+    """Destroy the process group now if :func:`setup` created it (otherwise it is destroyed when the
+    process exits, so that later calls in the same process reuse it)."""
+    if env.owns_group:
+        _destroy_group()
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -248,14 +276,16 @@ class _Dispatch(nn.Module):
 
 
 class DistributedFlow:
-    """A flow whose :data:`SYNCED_METHODS` (``log_prob`` ...) run through DistributedDataParallel,
-    so the backward pass that follows averages the gradients over ranks. Every other attribute is
-    the flow's own (``.module`` is the flow). One synced call per backward pass."""
+    """The flow seen through DistributedDataParallel: calling it, or any method the flow's class
+    defines beyond :class:`torch.nn.Module`'s own (``log_prob``, ``log_prob_parts``, ``classify``
+    ...), runs DDP's forward, so the backward pass that follows averages the gradients over ranks.
+    ``nn.Module`` methods (``parameters``, ``train``, ``state_dict`` ...) and plain attributes are the
+    flow's own; ``.module`` is the flow. Calling a *submodule* directly (``flow.transform(x)``)
+    bypasses DDP: the loop checks every step that the gradients agree across ranks."""
 
-    def __init__(self, flow: nn.Module, ddp: nn.Module, synced: Sequence[str] = SYNCED_METHODS):
+    def __init__(self, flow: nn.Module, ddp: nn.Module):
         self.module = flow
         self.ddp = ddp
-        self._synced = tuple(synced)
 
     def __call__(self, *args, **kwargs):
         return self.ddp("forward", *args, **kwargs)
@@ -263,13 +293,13 @@ class DistributedFlow:
     def __getattr__(self, name: str):
         if name.startswith("_") or name in ("module", "ddp"):
             raise AttributeError(name)
-        if name in self._synced:
+        if name in SYNCED_METHODS or (not hasattr(nn.Module, name)
+                                      and callable(getattr(type(self.module), name, None))):
             return functools.partial(self.ddp, name)
         return getattr(self.module, name)
 
 
-def wrap(model: nn.Module, env: DistEnv, *, synced: Sequence[str] = SYNCED_METHODS,
-         find_unused_parameters: bool = False):
+def wrap(model: nn.Module, env: DistEnv, *, find_unused_parameters: bool = False):
     """The model itself on one process; a :class:`DistributedFlow` under a process group.
 
     Wrapping broadcasts rank 0's parameters and buffers to every rank (DDP's initial sync), so
@@ -284,7 +314,7 @@ def wrap(model: nn.Module, env: DistEnv, *, synced: Sequence[str] = SYNCED_METHO
     ids = [env.device.index] if env.device.type == "cuda" else None
     ddp = DistributedDataParallel(_Dispatch(model), device_ids=ids, output_device=ids[0] if ids else None,
                                   find_unused_parameters=find_unused_parameters, **_buffer_sync_kwargs())
-    return DistributedFlow(model, ddp, synced)
+    return DistributedFlow(model, ddp)
 
 
 def _buffer_sync_kwargs() -> dict[str, bool]:

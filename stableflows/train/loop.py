@@ -12,6 +12,12 @@ Reproducibility: model initialisation uses ``torch.manual_seed(seed)``; batch or
 from two dedicated generators; the global RNG state, both generator states and the current epoch
 permutation are stored in ``last.pt``, and evaluation never touches the training random streams,
 so ``train(resume=True)`` follows exactly the trajectory of an uninterrupted run.
+
+Several processes (``torchrun --nproc_per_node=N -m stableflows train ...``): data-parallel training
+with DistributedDataParallel, ``train.batch_size`` being the global batch; every rank draws the
+global batch and noise and keeps its shard, gradients are averaged, evaluation is sharded and
+all-reduced, only rank 0 writes, and resuming restores every rank's random state. The parameters
+follow the one-process trajectory up to floating-point summation order (:mod:`.distributed`).
 """
 from __future__ import annotations
 
@@ -34,6 +40,9 @@ from ..config import ConfigError, RunConfig
 from ..metrics import check_levels
 from ..transforms.base import InputOutsideDomain, ShapeError, StableflowsError, check_finite, check_shape
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .distributed import DistEnv, evaluate_sharded, rank_seed
+from .distributed import setup as setup_distributed
+from .distributed import wrap as wrap_distributed
 from .ema import EMA
 from .evaluate import EVAL_SEED, evaluate, finite_or_none, frozen_rng, metric_name
 from .objectives import Batch, MaximumLikelihood, Objective
@@ -169,9 +178,11 @@ def _json_line(record: dict) -> str:
 # ----------------------------------------------------------------------------- trainer
 class _Trainer:
     def __init__(self, cfg: RunConfig, model: nn.Module, splits, objective: Objective,
-                 callbacks: Sequence[Callback], device: torch.device):
+                 callbacks: Sequence[Callback], device: torch.device, env: DistEnv | None = None):
         self.cfg, self.t = cfg, cfg.train
         self.model, self.splits, self.objective = model, splits, objective
+        self.env = env or DistEnv(device=device)
+        self.ddp = model  # what the objective sees: the model, or its DDP view (start_distributed)
         self.callbacks = list(callbacks)
         self.device = device
         self.out = Path(cfg.train.out_dir)
@@ -208,7 +219,7 @@ class _Trainer:
         g = self.gens["init"]
         n = self.train_x.shape[0]
         idx = torch.randperm(n, generator=g)[:INIT_BATCH].to(self.device)
-        x = self._model_space(self.train_x[idx], g)
+        x = self.env.shard(self._model_space(self.train_x[idx], g))  # ActNorm pools over ranks
         self.model.train()
         try:
             with torch.no_grad(), frozen_rng(self.device):
@@ -228,6 +239,8 @@ class _Trainer:
         rng = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in self.gens.items()}}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.env.enabled:  # collective: every rank's global RNG, for an exact distributed resume
+            rng["ranks"] = self.env.gather_objects(torch.get_rng_state())
         return {
             "kind": "last", "config": self.cfg.to_dict(), "shape": list(self.splits.shape),
             "levels": self.levels, "data": self.splits.name, "metric": self.metric,
@@ -251,6 +264,11 @@ class _Trainer:
         self.best_val, self.best_step = float(s["best_val"]), s["best_step"]
         self.train_time, self.eval_time = float(s["train_time"]), float(s["eval_time"])
         torch.set_rng_state(s["rng"]["torch"])
+        ranks = s["rng"].get("ranks")
+        if self.env.enabled and ranks is not None and len(ranks) == self.env.world_size:
+            torch.set_rng_state(ranks[self.env.rank])
+        elif self.env.rank > 0:  # another world size: fresh independent streams
+            torch.manual_seed(rank_seed(self.t.seed + self.step, self.env.rank))
         if "cuda" in s["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(s["rng"]["cuda"], self.device)
         for k, g in self.gens.items():
@@ -261,6 +279,10 @@ class _Trainer:
         self.nonfinite_total, self.nonfinite_run = (int(v) for v in s["nonfinite"])
         self.last_eval_step = int(s["last_eval_step"])
         self.last_lr = float(s["last_lr"])
+
+    def start_distributed(self) -> None:
+        """Wrap the model in DDP (after initialisation and loading; a no-op on one process)."""
+        self.ddp = wrap_distributed(self.model, self.env)
 
     # -------------------------------------------------------------- steps
     def _next_indices(self) -> Tensor:
@@ -278,9 +300,11 @@ class _Trainer:
 
     def train_step(self) -> None:
         idx = self._next_indices()
-        raw = self.train_x[idx]  # (B, *shape)
-        batch = Batch(x=self._model_space(raw, self.gens["noise"]), raw=raw,
-                      y=self.train_y[idx] if self.train_y is not None else None, levels=self.levels)
+        raw = self.train_x[idx]  # (B, *shape): the global batch, noise drawn for all of it
+        x = self._model_space(raw, self.gens["noise"])
+        y = self.train_y[idx] if self.train_y is not None else None
+        shard = self.env.shard
+        batch = Batch(x=shard(x), raw=shard(raw), y=shard(y), levels=self.levels)  # this rank's part
         lr = self.last_lr = self.lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -288,15 +312,19 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if callable(getattr(self.objective, "set_step", None)):
             self.objective.set_step(self.step)  # 0-based index of this step
-        loss, logs = self.objective.loss(self.model, batch)
-        if not bool(torch.isfinite(loss.detach())):
+        loss, logs = self.objective.loss(self.ddp, batch)
+        if self.env.any(not bool(torch.isfinite(loss.detach()))):  # decided together: all ranks skip
             return self._nonfinite("loss", float(loss.detach()))
-        loss.backward()
+        loss.backward()  # under DDP: gradients averaged over ranks
         max_norm = self.t.grad_clip if self.t.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return self._nonfinite("grad_norm", grad_norm)
+        if not self.env.same(grad_norm):
+            raise StableflowsError("gradients differ across ranks: the objective computed its loss without "
+                                   "going through the model's methods (e.g. by calling a submodule directly), "
+                                   "so DistributedDataParallel did not average them")
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -312,7 +340,8 @@ class _Trainer:
         record = {"kind": "nonfinite", "step": self.step + 1, "what": what, "value": str(value),
                   "consecutive": self.nonfinite_run}
         self.history.append(record)
-        self._append_jsonl(record)
+        if self.env.is_main:
+            self._append_jsonl(record)
         if self.nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
             raise TrainingDiverged(
                 f"{self.nonfinite_run} consecutive steps had a non-finite {what} (last at step {self.step + 1}, "
@@ -329,15 +358,17 @@ class _Trainer:
     def evaluate_split(self, model: nn.Module, part: str) -> dict[str, float]:
         """Metrics of one split with the fixed noise (seed 0); ``self.metric`` is among them."""
         x = getattr(self.splits, part)
-        if self.custom_eval:
+        if self.custom_eval:  # whole split on every rank; rank 0's numbers keep the ranks in step
             y = getattr(self.splits, f"y_{part}", None)
-            return {k: float(v) for k, v in self.objective.evaluate(model, x, y, self.levels).items()}
-        return {self.metric: evaluate(model, x, self.levels)}
+            out = {k: float(v) for k, v in self.objective.evaluate(model, x, y, self.levels).items()}
+            return self.env.broadcast_object(out)
+        return {self.metric: evaluate_sharded(model, x, self.levels, self.env)}  # evaluate() on one process
 
     def evaluate_and_checkpoint(self, session_rate: float) -> dict:
         t0 = time.perf_counter()
         vals = self.evaluate_split(self.eval_model, "val")
         val = vals[self.metric]
+        self.accum = self.env.average(self.accum)  # training logs: mean over ranks
         n = self.accum.pop("n", 0.0)
         gmax = self.accum.pop("grad_norm_max", None)
         record: dict[str, Any] = {"kind": "eval", "step": self.step}
@@ -350,16 +381,20 @@ class _Trainer:
         self.accum = {}
         if math.isfinite(val) and val < self.best_val:
             self.best_val, self.best_step = val, self.step
-            save_checkpoint(self.out / "best.pt", {
-                "kind": "best", "config": self.cfg.to_dict(), "shape": list(self.splits.shape),
-                "levels": self.levels, "data": self.splits.name, "metric": self.metric,
-                "model": self.eval_model.state_dict(), "step": self.step, "val": val})
+            if self.env.is_main:
+                save_checkpoint(self.out / "best.pt", {
+                    "kind": "best", "config": self.cfg.to_dict(), "shape": list(self.splits.shape),
+                    "levels": self.levels, "data": self.splits.name, "metric": self.metric,
+                    "model": self.eval_model.state_dict(), "step": self.step, "val": val})
         self.last_eval_step = self.step
         self.eval_time += time.perf_counter() - t0
         record["eval_time"] = self.eval_time
         self.history.append(record)
-        self._append_jsonl(record)
-        save_checkpoint(self.out / "last.pt", self.state())
+        state = self.state()  # collective under torch.distributed (gathers every rank's RNG)
+        if self.env.is_main:
+            self._append_jsonl(record)
+            save_checkpoint(self.out / "last.pt", state)
+        self.env.barrier()  # the other ranks may read best.pt / last.pt from here on
         for cb in self.callbacks:
             cb("eval", record)
         return record
@@ -392,11 +427,21 @@ def train(cfg: RunConfig, *, resume: bool = False, model: nn.Module | None = Non
     ``metrics.json`` (summary), ``best.pt``, ``last.pt``, ``samples.png`` and ``curve.png``.
     Raises :class:`ConfigError` / data errors before any training, :class:`TrainingDiverged` after
     ``MAX_CONSECUTIVE_NONFINITE`` non-finite steps in a row.
+
+    Under ``torchrun`` (or inside a process group the caller initialised) every rank calls this;
+    see the module docstring. Only rank 0 writes; every rank returns the same result.
     """
     validate_config(cfg)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    env = setup_distributed(cfg.train.device)  # the group (if any) stays for later calls in this process
+    return _train(cfg, env, resume, model, splits, objective, callbacks)
+
+
+def _train(cfg: RunConfig, env: DistEnv, resume: bool, model: nn.Module | None, splits,
+           objective: Objective | None, callbacks: Sequence[Callback]) -> TrainResult:
+    device = env.device
+    env.local_batch(cfg.train.batch_size)  # the global batch must split evenly over the ranks
     out = Path(cfg.train.out_dir)
     saved = None
     if resume:
@@ -415,14 +460,18 @@ def train(cfg: RunConfig, *, resume: bool = False, model: nn.Module | None = Non
     if tuple(getattr(model, "shape", splits.shape)) != tuple(splits.shape):
         raise ShapeError(f"model event shape {tuple(model.shape)} does not match data shape {tuple(splits.shape)}")
     model.to(device)
-    tr = _Trainer(cfg, model, splits, objective or MaximumLikelihood(), callbacks, device)
+    tr = _Trainer(cfg, model, splits, objective or MaximumLikelihood(), callbacks, device, env)
+    if env.rank > 0:  # independent noise of stochastic estimators on each rank (rank 0 keeps the seed)
+        torch.manual_seed(rank_seed(cfg.train.seed, env.rank))
     out.mkdir(parents=True, exist_ok=True)
     if saved is not None:
         tr.load_state(saved)
-        tr.rewrite_jsonl()  # drop records written after the checkpoint
-    else:
+        if env.is_main:
+            tr.rewrite_jsonl()  # drop records written after the checkpoint
+    elif env.is_main:
         for stale in ("metrics.jsonl", "best.pt", "last.pt"):
             (out / stale).unlink(missing_ok=True)
+    tr.start_distributed()
     return _run(tr)
 
 
@@ -433,14 +482,14 @@ def _run(tr: _Trainer) -> TrainResult:
     def rate() -> float:
         return session_steps / session_time if session_time > 0 else 0.0
 
-    def done() -> bool:
-        return tr.step >= t.steps or (t.time_budget is not None and tr.train_time >= t.time_budget)
+    def done() -> bool:  # the slowest rank's training time decides, so all ranks stop together
+        return tr.step >= t.steps or (t.time_budget is not None and tr.env.max(tr.train_time) >= t.time_budget)
 
     from tqdm.auto import tqdm
 
     for cb in tr.callbacks:
         cb("start", {"step": tr.step, "out_dir": str(tr.out)})
-    bar = tqdm(total=t.steps, initial=tr.step, disable=not _progress_enabled(tr.cfg), desc="train",
+    bar = tqdm(total=t.steps, initial=tr.step, disable=not (_progress_enabled(tr.cfg) and tr.env.is_main), desc="train",
                dynamic_ncols=True, leave=True)
     try:
         while not done():
@@ -477,18 +526,21 @@ def _finish(tr: _Trainer, rate: float) -> TrainResult:
     tr.eval_time += time.perf_counter() - t0
     record = {"kind": "test", "step": tr.best_step, **{f"test_{k}": v for k, v in tests.items()},
               "selected": "best" if tr.best_step is not None else "last"}
-    tr._append_jsonl(record)
     n_params = sum(p.numel() for p in tr.model.parameters())
     result = TrainResult(
         metric=tr.metric, best_val=tr.best_val if tr.best_step is not None else math.nan,
         best_step=tr.best_step, test=test, steps=tr.step, train_time=tr.train_time, eval_time=tr.eval_time,
         steps_per_s=rate, peak_rss_mb=peak_rss_mb(), nonfinite_steps=tr.nonfinite_total, out_dir=str(tr.out),
         n_params=n_params, test_metrics=tests, history=tr.history + [record])
-    figures = write_figures(tr.out, best, tr.splits, tr.history, tr.metric, test=test, best_step=tr.best_step)
     summary = {**result.summary(), "data": tr.splits.name, "shape": list(tr.splits.shape), "levels": tr.levels,
                "device": str(tr.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "eval_seed": EVAL_SEED, "figures": figures, "config": tr.cfg.to_dict()}
-    atomic_write_text(tr.out / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+               "eval_seed": EVAL_SEED, "processes": tr.env.world_size, "config": tr.cfg.to_dict()}
+    if tr.env.is_main:
+        tr._append_jsonl(record)
+        summary["figures"] = write_figures(tr.out, best, tr.splits, tr.history, tr.metric, test=test,
+                                           best_step=tr.best_step)
+        atomic_write_text(tr.out / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    tr.env.barrier()
     for cb in tr.callbacks:
         cb("end", summary)
     return result
