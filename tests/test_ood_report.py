@@ -60,7 +60,7 @@ def test_cli_report_end_to_end(runs):
     a, b, base = runs
     out = base / "report"
     args = _parse([str(a), "--in", "digits", "--ood", ",".join(FAMILIES), "--report", str(out), "--n", "60",
-                   "--ensemble", str(b), "--typicality-m", "1,10", "--bootstrap", "100"])
+                   "--ensemble", str(b), "--background", str(b), "--typicality-m", "1,10", "--bootstrap", "100"])
     assert cli.run(args) == 0
     s = json.loads((out / "ood.json").read_text())
     page = (out / "ood.html").read_text()
@@ -84,6 +84,7 @@ def test_cli_report_end_to_end(runs):
     assert all(d is None or d["max_abs_sum_error"] < 1e-3 for d in s["decomposition"].values())
     assert len(s["probes"]["constant"]["bpd"]) == 17
     assert s["ensemble"]["members"] == 2
+    assert "likelihood ratio -(log p - log p_bg)" in s["scores"]["uniform"]
     assert s["second_order"]["families"]["test"]["dim"] == 64
     assert any("mean bits/dim" in line for line in s["findings"])
 

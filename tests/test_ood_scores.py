@@ -110,3 +110,21 @@ def test_latent_norm_and_likelihood_ratio():
 def test_summarize():
     s = S.summarize([1.0, 2.0, np.nan, 3.0])
     assert s["n"] == 4 and s["nonfinite"] == 1 and s["mean"] == pytest.approx(2.0) and s["median"] == 2.0
+
+
+def test_background_perturbation():
+    from stableflows.config import DataConfig
+    from stableflows.data import load_dataset
+    from stableflows.ood.background import perturb, perturbed_splits
+
+    x = torch.zeros(200, 1, 8, 8)
+    p = perturb(x, 17, 0.3, seed=1)
+    changed_or_drawn = (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.3)
+    assert torch.equal(p[~changed_or_drawn], x[~changed_or_drawn])  # untouched entries keep their value
+    assert p.min() >= 0 and p.max() <= 16 and torch.equal(p, torch.round(p))
+    frac = float((p != 0).double().mean())  # a replaced entry is 0 again with probability 1/17
+    assert abs(frac - 0.3 * 16 / 17) < 0.01
+    assert torch.equal(perturb(x, 17, 0.0), x)
+    s = load_dataset(DataConfig(name="digits"))
+    b = perturbed_splits(s, 0.2)
+    assert torch.equal(b.test, s.test) and not torch.equal(b.train, s.train) and b.train.shape == s.train.shape

@@ -11,6 +11,7 @@ flags), :mod:`.analysis` (everything together), :mod:`.report` (JSON + HTML), :m
 (``stableflows ood``).
 """
 from .analysis import DATASET_FAMILIES, OODConfig, OODResult, SetData, analyze, build_sets
+from .background import perturb, perturbed_splits
 from .decompose import Decomposition, Terms, decompose, likelihood_terms, scale_layout
 from .invertibility import INVERTIBLE_TOL, invertibility
 from .probes import GRAY_FACTORS, constant_inputs, graying_curve, random_inputs
@@ -26,5 +27,5 @@ __all__ = [
     "constant_inputs", "random_inputs", "graying_curve", "GRAY_FACTORS",
     "auroc", "average_precision", "fpr_at_tpr", "ood_metrics", "typicality_scores", "typicality_batches",
     "typicality_threshold", "complexity_corrected", "likelihood_ratio", "latent_norm_scores",
-    "curvature", "second_order_prediction", "paper_eq6",
+    "curvature", "second_order_prediction", "paper_eq6", "perturb", "perturbed_splits",
 ]
