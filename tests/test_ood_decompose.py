@@ -154,3 +154,11 @@ def test_cv_glow_logdet_is_the_same_for_every_input():
     # the decomposition says so too: only ActNorm and 1x1 layers carry log-det, identical across examples
     dec = decompose(f, inputs)
     assert np.ptp(dec.layer_logdet, axis=1).max() < 1e-10
+
+
+def test_flow_without_pre_transform_has_no_pre_scale():
+    torch.manual_seed(3)
+    f = _ready(cv_glow(shape=SHAPE, levels=2, steps_per_level=1, hidden=4), seed=9)
+    dec = decompose(f, torch.rand(3, *SHAPE, dtype=torch.float64))
+    assert dec.scale_names == ["scale 1", "scale 2"]
+    assert np.allclose((dec.scale_logdet + dec.scale_log_pz).sum(0), dec.log_px, atol=1e-9)

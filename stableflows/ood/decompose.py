@@ -196,15 +196,20 @@ def decompose(flow: nn.Module, v: Tensor) -> Decomposition:
     layout = scale_layout(flow)
     s_ld = np.zeros((len(layout), v.shape[0]))
     s_lpz = np.zeros((len(layout), v.shape[0]))
+    layer_scale = []
     for i, name in enumerate(names):
         mid = id(modules.get(name))
         k = next((j for j, s in enumerate(layout) if mid in s.modules), None)
         if k is None:
             raise RuntimeError(f"layer {name!r} belongs to no scale of the flow")
         s_ld[k] += layer_ld[i]
+        layer_scale.append(k)
     for k, s in enumerate(layout):
         if s.latent is not None:
             s_lpz[k] = standard_normal_log_prob(z[:, s.latent]).double().cpu().numpy()
+    used = [layer_scale.count(k) > 0 or s.latent is not None for k, s in enumerate(layout)]  # drop an empty "pre"
+    layout = [s for s, u in zip(layout, used) if u]
+    s_ld, s_lpz = s_ld[used], s_lpz[used]
     lpz = standard_normal_log_prob(z).double().cpu().numpy()
     ld = logdet.double().cpu().numpy()
     return Decomposition(log_px=lpz + ld, log_pz=lpz, logdet=ld, layer_names=names, layer_types=types,
