@@ -1,0 +1,218 @@
+"""The benchmark: contender adapters (every library's model, pre-transform included) against
+brute-force Jacobians, the measurements against independent computations, FLOP counts against
+exact formulas, and one session in a child process writing its JSON + Markdown report."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from stableflows.bench import flops, harness, models, session
+from stableflows.bench.contender import EVENT_SHAPE, LEVELS, Contender, count_params, match_hidden
+from stableflows.metrics import bits_per_dim
+from stableflows.transforms.base import InputOutsideDomain
+
+SMALL_HIDDEN = 8
+LOGDET_ATOL = 1e-9  # float64: adapter log p(v) vs log N(F(v)) + log|det dF/dv| (relative to max(1, |ref|))
+ROUNDTRIP_ATOL = 1e-9  # float64 inverse(forward(v)) for exactly invertible maps
+# FrEIA's AllInOneBlock builds its soft permutation and that permutation's inverse in float32
+# (orthogonal to ~1e-7 only, whatever the module's dtype); a wrong convention in an adapter
+# (direction, sign of a log-det, a missing pre-transform term) is off by far more than this
+FLOAT32_BUILT = {"FrEIA-allinone": 1e-5}
+RESIDUAL_ROUNDTRIP_ATOL = 1e-4  # fixed-point inverses stop at their own tolerances
+PERTURB = 0.05  # parameter noise so zero-initialised couplings are not the identity
+
+CONTENDERS = sorted(models.available())
+
+
+def _v(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, *EVENT_SHAPE, generator=g, dtype=torch.float64) * 0.9 + 0.05)  # inside (0, 1)
+
+
+def _ready(name: str) -> Contender:
+    """Small float64 contender, data-dependent init done, parameters perturbed, eval mode."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = models.build(name, hidden=SMALL_HIDDEN)
+        c.module.double()
+        c.module.train()
+        with torch.no_grad():
+            c.log_prob(c.module, _v(32, seed=1))  # ActNorm initialisation of every library
+            if c.family != "residual":  # a perturbed Lipschitz net could leave its constraint
+                g = torch.Generator().manual_seed(2)
+                for p in (q for q in c.module.parameters() if q.requires_grad):  # frozen ones pair with buffers
+                    p.add_(PERTURB * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    c.module.eval()
+    return c
+
+
+@pytest.mark.parametrize("name", CONTENDERS)
+def test_adapter_density_and_inverse(name):
+    c = _ready(name)
+    v = _v(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            z = c.forward(c.module, v)
+            back = c.inverse(c.module, z)
+            lp = c.log_prob(c.module, v)
+        tol = RESIDUAL_ROUNDTRIP_ATOL if c.family == "residual" else FLOAT32_BUILT.get(name, ROUNDTRIP_ATOL)
+        assert float((back - v).abs().max()) <= tol
+        assert lp.shape == (2,) and torch.isfinite(lp).all()
+        if c.family == "residual":
+            return  # stochastic log-det estimators: only the round trip is exact
+        for i in range(v.shape[0]):
+            def f(x):
+                return c.forward(c.module, x.reshape(1, *EVENT_SHAPE)).reshape(-1)
+
+            jac = torch.autograd.functional.jacobian(f, v[i].reshape(-1))  # (64, 64)
+            zi = f(v[i].reshape(-1))
+            ref = -0.5 * float(zi.pow(2).sum()) - 0.5 * zi.numel() * math.log(2 * math.pi) \
+                + float(torch.linalg.slogdet(jac).logabsdet)
+            assert abs(float(lp[i]) - ref) <= FLOAT32_BUILT.get(name, LOGDET_ATOL) * max(1.0, abs(ref)), name
+
+
+def test_every_library_is_benchmarked():
+    libs = {models.available()[n](SMALL_HIDDEN, "logit").library for n in CONTENDERS}
+    assert {"stableflows", "normflows", "zuko", "FrEIA", "nflows"} <= libs
+
+
+def test_match_hidden_is_the_closest_width():
+    def build(h):
+        return nn.Linear(h, h)  # h^2 + h parameters
+
+    for target in (1, 50, 1000, 12345):
+        h = match_hidden(build, target, lo=2, hi=400)
+        best = min(range(2, 401), key=lambda k: (abs(k * k + k - target), k))
+        assert abs(h * h + h - target) == abs(best * best + best - target)
+    assert count_params(nn.Linear(3, 4)) == 16
+
+
+def test_bpd_matches_the_design_definition():
+    c = _ready("stableflows-glow")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, LEVELS, (20, *EVENT_SHAPE), generator=g).double()
+    u = torch.rand(x.shape, generator=g, dtype=torch.float64)
+    got = harness.evaluate_bpd(c, c.module, x, u)
+    with torch.no_grad():
+        ref = float(bits_per_dim(c.module, x, LEVELS, u=u).mean())
+    assert got["nonfinite_pct"] == 0.0
+    assert abs(got["bpd"] - ref) <= 1e-12
+
+
+class _Planted(nn.Module):
+    """Identity map; inverse returns NaN for rows whose first entry > 0.8; forward refuses < 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+
+def _planted() -> Contender:
+    def forward(m, v):
+        if bool((v < 0).any()):
+            raise InputOutsideDomain("negative input")
+        return v * m.w
+
+    def inverse(m, z):
+        bad = z.reshape(z.shape[0], -1)[:, 0] > 0.8
+        out = z / m.w + 1e-3  # a known error of 1e-3 per entry
+        out[bad] = math.nan
+        return out
+
+    return Contender(name="planted", library="test", family="test", module=_Planted(), log_prob=None,
+                     forward=forward, inverse=inverse)
+
+
+def test_reconstruction_counts_failures_and_refusals():
+    v = torch.full((10, *EVENT_SHAPE), 0.5, dtype=torch.float64)
+    v[:3, 0, 0, 0] = 0.9  # 3 non-finite reconstructions
+    v[3:5, 0, 0, 1] = -0.5  # 2 refused inputs
+    r = harness.reconstruction(_planted(), _planted().module, v)
+    assert r["nonfinite_pct"] == pytest.approx(30.0)
+    assert r["refused_pct"] == pytest.approx(20.0)
+    assert r["median_l2"] == pytest.approx(1e-3 * math.sqrt(64), rel=1e-5)
+    assert r["max_l2"] == math.inf
+
+
+def test_flop_count_of_a_linear_training_step():
+    b, i, o = 16, 24, 12
+    lin = nn.Linear(i, o)
+    x = torch.randn(b, i, requires_grad=True)
+
+    def step():
+        lin(x).sum().backward()
+
+    # forward 2 b i o; backward: grad of input 2 b i o, grad of weight 2 b i o
+    assert flops.count_flops(step) == 6 * b * i * o
+    with flops._RegistryCounter() as plain:
+        step()
+    assert sum(plain.by_op.values()) == 6 * b * i * o
+
+
+def test_flop_count_survives_autograd_grad_inside_forward():
+    lin = nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def step():  # as backward-in-forward: a gradient taken during the forward pass
+        y = lin(x)
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        (y.sum() + g.sum()).backward()
+
+    assert flops.count_flops(step) > 0
+
+
+def test_matmul_rate_is_positive():
+    r = flops.matmul_rate(64, repeats=2)
+    assert r["flops_per_s"] == pytest.approx(2 * 64 ** 3 / r["seconds"])
+
+
+def test_targets_are_read_off_the_results():
+    def row(name, lib, fam, bpd, sps, nf):
+        rec = {f: {"nonfinite_pct": 0.0} for f in session.RECON_FAMILIES}
+        rec["uniform"]["nonfinite_pct"] = nf
+        return {"name": name, "library": lib, "family": fam, "params": 100, "test_bpd_selected": bpd,
+                "steps_per_s": sps, "reconstruction": rec}
+
+    results = [row("stableflows-glow", "stableflows", "glow-like", 2.0, 50.0, 0.0),
+               row("peer-glow", "peer", "glow-like", 2.5, 40.0, 10.0),
+               row("peer-nsf", "peer", "spline", 1.9, 70.0, 0.0),
+               {"name": "broken", "error": "boom"}]
+    t = session.check_targets(results)
+    assert t["lowest_test_bpd"] == {"model": "peer-nsf", "bpd": 1.9, "met": False}
+    assert t["glow_speed"]["met"] and t["glow_speed"]["peers"][0]["ratio"] == pytest.approx(1.25)
+    fam = t["nonfinite"]["families"]
+    assert [f["family"] for f in fam] == ["uniform"] and fam[0]["met"]
+    md = session.markdown({"started_utc": "t", "machine": {"cpu": "x", "cores": 2, "torch": "2"}, "libraries": {},
+                           "settings": {"batch_size": 64, "threads": 2, "budget": 1, "preprocess": "logit",
+                                        "device": "cpu"}, "matmul_at_start": {"n": 8, "flops_per_s": 1e9},
+                           "results": [results[-1]], "targets": t})
+    assert "NOT met" in md and "failed: boom" in md
+
+
+def test_session_runs_a_model_in_its_own_process(tmp_path):
+    s = harness.BenchSettings(budget=0.5, eval_every=2, threads=1, ood_n=8, match_params=False)
+    report, where = session.run_session(["zuko-realnvp"], s, tmp_path, log=lambda _: None)
+    (r,) = report["results"]
+    assert "error" not in r, r
+    assert r["library"] == "zuko" and r["steps"] >= 1 and r["params"] == count_params(
+        models.build("zuko-realnvp").module)
+    assert set(r["reconstruction"]) == set(session.RECON_FAMILIES)
+    assert 0 < r["flops"]["fraction_of_matmul"]
+    saved = json.loads((tmp_path / "latest.json").read_text())
+    assert saved["results"][0]["name"] == "zuko-realnvp"
+    md = (where / "bench.md").read_text()
+    assert "| zuko-realnvp |" in md and (tmp_path / "latest.md").read_text() == md
+
+
+def test_cli_rejects_unknown_models(capsys):
+    from stableflows.cli import main
+
+    assert main(["bench", "--models", "no-such-model", "--budget", "1"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
