@@ -150,6 +150,9 @@ class _InvertibleChain(torch.autograd.Function):
             y = y.clone()
         ctx.chain, ctx.reverse, ctx.index, ctx.rng, ctx.stats = chain, reverse, index, rng, stats
         ctx.params = params  # references to the leaves, not activations
+        # buffers a forward may update (power-iteration vectors of spectral norms): the recomputation
+        # must see the values this call used; small, parameter-sized at most
+        ctx.buffers = [(b, b.detach().clone()) for b in chain.buffers() if b.is_floating_point()]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(y)
         return y, total
@@ -165,6 +168,8 @@ class _InvertibleChain(torch.autograd.Function):
         cur = y.detach()
         if g_y is None:
             g_y = torch.zeros_like(cur)
+        now = [(b, b.detach().clone()) for b, _ in ctx.buffers]
+        _restore_buffers(ctx.buffers)
         with _recomputing(), frozen_normalization(ctx.chain):
             for i in range(len(layers) - 1, -1, -1):
                 layer = layers[i]
@@ -182,6 +187,7 @@ class _InvertibleChain(torch.autograd.Function):
                 for module, s in ctx.stats[i]:  # recomputations do not overwrite forward diagnostics
                     module.stats = s
                 cur = x_i
+        _restore_buffers(now)
         if resume is not None:
             _set_rng_state(resume, y.device)
         g_x = g_y if ctx.needs_input_grad[0] else None
@@ -268,6 +274,10 @@ class MemorySavingCompose(Compose):
         fuse_couplings: recompute coupling layers with one conditioner evaluation instead of two
             (inverse, then forward): the conditioner runs once on the kept half, which input and
             output share. Same gradients; about a quarter less backward time.
+
+    The floating-point buffers of the chain (e.g. power-iteration vectors of spectral norms, which
+    a training-mode forward updates) are kept as they were after this forward call and put back
+    during its recomputation, so repeated forward calls before one backward are recomputed exactly.
 
     Limitations: double backward (``create_graph=True``) is not supported; layers must not change
     parameters in place during the forward pass (data-dependent initialisation happens once,
@@ -456,11 +466,14 @@ def compare_gradients(model: nn.Module, batch, loss_fn=None, *, params: Sequence
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
     rng, bufs = _rng_state(device), _snapshot_buffers(model)
+    step = getattr(loss_fn, "step", None)  # an objective that counts its own steps sees one step
     with stored_activations(model):
         loss_st, _ = _call_loss(loss_fn, model, batch)
         g_st = _grads(loss_st, params)
     _set_rng_state(rng, device)
     _restore_buffers(bufs)
+    if isinstance(step, int):
+        loss_fn.step = step
     loss_ms, _ = _call_loss(loss_fn, model, batch)
     g_ms = _grads(loss_ms, params)
     a, b = _flat(g_ms, params), _flat(g_st, params)
