@@ -18,8 +18,10 @@ Measured on the selected weights: reconstruction ``||v - F^-1(F(v))||_2`` per ex
 and on OOD families (:func:`stableflows.data.ood.ood_family`): uniform and Gaussian noise, constant
 images, out-of-range values; the share of non-finite reconstructions (failures, never dropped) and
 of inputs the model refuses with :class:`~stableflows.transforms.base.InputOutsideDomain` (a logit
-outside ``[0, 1]``); the time of one inverse pass (latents of 64 test images); peak memory; the FLOP
-rate of a training step against a large matmul (:mod:`.flops`).
+outside ``[0, 1]``); the time of one inverse pass (latents of 64 test images); peak memory of the
+process up to the end of training, over its resident memory before the model was built (CPU: peak
+RSS, which includes the allocator's slack; CUDA: ``max_memory_allocated``); the FLOP rate of a
+training step against a large matmul (:mod:`.flops`).
 
 Run one model in its own process: ``python -m stableflows.bench.harness NAME --out result.json``.
 """
@@ -374,6 +376,8 @@ def run_one(name: str, settings: BenchSettings | None = None, *, splits=None, ta
         warnings.simplefilter("ignore")  # libraries' deprecation warnings (e.g. torch.lu) are not results
         run = _Run(c, splits, s, device)
         run.train()
+        peak_train = _rss_peak_mb()  # before the measurements below allocate their own
+        cuda_train = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
         steps_per_s = run.step / run.train_time if run.train_time > 0 else 0.0
         end = evaluate_bpd(c, run.eval_module, run.test_x, run.test_u)
         best = run.selected()
@@ -386,10 +390,10 @@ def run_one(name: str, settings: BenchSettings | None = None, *, splits=None, ta
             recon[fam] = reconstruction(c, best, x)
         inv_s = time_inverse(c, best, v_test[:INVERSE_BATCH], device)
         flops = _flops(run, s, steps_per_s, device) if s.flops else {}
-    peak = _rss_peak_mb()
-    mem: dict[str, Any] = {"peak_rss_mb": peak, "rss_before_model_mb": rss0, "peak_rss_delta_mb": peak - rss0}
-    if device.type == "cuda":
-        mem["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    mem: dict[str, Any] = {"rss_before_model_mb": rss0, "peak_rss_training_mb": peak_train,
+                           "peak_rss_training_delta_mb": peak_train - rss0, "peak_rss_mb": _rss_peak_mb()}
+    if cuda_train is not None:
+        mem["cuda_peak_allocated_training_mb"] = cuda_train
     return {
         "name": c.name, "library": c.library, "family": c.family, "description": c.description,
         "hidden": c.hidden, "params": c.n_params, "target_params": target_params,

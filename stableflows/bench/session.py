@@ -195,25 +195,32 @@ def markdown(session: dict[str, Any]) -> str:
         f"{session['matmul_at_start']['flops_per_s'] / 1e9:.1f} GFLOP/s at start, "
         f"{session['matmul_at_end']['flops_per_s'] / 1e9:.1f} at end." if "matmul_at_end" in session else "",
         "",
-        "| model | family | params | steps/s | test bpd (val-selected @ step) | test bpd (end) | peak RSS Δ MiB "
-        "| inverse ms (64) | GFLOP/step | % of matmul |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | family | params (width) | steps/s | test bpd (val-selected @ step) | test bpd (end) "
+        "| peak memory MiB | inverse ms (64) | GFLOP/step | % of matmul | matmul GFLOP/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     results = session["results"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | | | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | | | | | | | |")
             continue
         fl = r.get("flops") or {}
         frac = _num(fl.get("fraction_of_matmul"))
         lines.append(
-            f"| {r['name']} | {r['family']} | {r['params']:,} | {_fmt(r['steps_per_s'], '.1f')} "
+            f"| {r['name']} | {r['family']} | {r['params']:,} ({r.get('hidden')}) | {_fmt(r['steps_per_s'], '.1f')} "
             f"| {_fmt(r['test_bpd_selected'], '.3f')} @ {r.get('selected_step')} | {_fmt(r['test_bpd_end'], '.3f')} "
-            f"| {_fmt(r['memory']['peak_rss_delta_mb'], '.0f')} "
+            f"| {_fmt(r['memory'].get('cuda_peak_allocated_training_mb', r['memory']['peak_rss_training_delta_mb']), '.0f')} "
             f"| {_fmt(_num(r['inverse_s']) * 1e3 if _num(r['inverse_s']) is not None else None, '.1f')} "
             f"| {_fmt((_num(fl.get('step_flops')) or math.nan) / 1e9, '.2f')} "
-            f"| {_fmt(100 * frac if frac is not None else None, '.1f')} |")
-    lines += ["", "Reconstruction ||v - F^-1(F(v))||_2 of the selected weights: median (max) over accepted inputs; "
+            f"| {_fmt(100 * frac if frac is not None else None, '.1f')} "
+            f"| {_fmt((_num(fl.get('matmul_flops_per_s')) or math.nan) / 1e9, '.1f')} |")
+    lines += ["", "steps/s: training steps per second of training time (evaluation excluded). Peak memory: peak RSS "
+              "up to the end of training minus RSS before the model was built (CUDA: max_memory_allocated). "
+              "% of matmul: "
+              "FLOPs of a training step's matrix products and convolutions (FlopCounterMode) x steps/s, over the "
+              "rate of a 1024^2 float32 matmul measured in the same process (its last column; it also shows how "
+              "busy the machine was while that model ran).",
+              "", "Reconstruction ||v - F^-1(F(v))||_2 of the selected weights: median (max) over accepted inputs; "
               "`nf` = % non-finite, `ref` = % refused by the model (input outside its domain).", "",
               "| model | " + " | ".join(RECON_FAMILIES) + " |", "|---|" + "---|" * len(RECON_FAMILIES)]
     for r in results:
