@@ -195,4 +195,5 @@ def evaluate_classifier(model: nn.Module, x: Tensor, y: Tensor, levels: int | No
     finally:
         model.train(was)
     acc = correct / n
-    return {"acc": acc, "error": 1.0 - acc, "ce": ce_sum / n, ("bpd" if levels is not None else "nats_per_dim"): dens_sum / n}
+    density = "bpd" if levels is not None else "nats_per_dim"
+    return {"acc": acc, "error": 1.0 - acc, "ce": ce_sum / n, density: dens_sum / n}
