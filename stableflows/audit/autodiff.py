@@ -1,15 +1,19 @@
-"""Jacobian products of batch-independent maps ``(B, D_in) -> (B, D_out)``, robust to layers that
-``torch.func`` cannot trace.
+"""Jacobian products of batch-independent maps ``(B, D_in) -> (B, D_out)`` that work through every
+stableflows layer.
 
-``torch.func`` is tried first. Residual blocks defeat it (in-place updates in the fixed point, and
-``autograd.Function``\\ s without ``setup_context`` / ``jvp``), so every product has a fallback:
+Only plain reverse-mode ``torch.autograd`` is used: ``torch.func`` cannot trace residual blocks
+(in-place updates in the fixed point, ``autograd.Function`` s without ``setup_context`` / ``jvp``),
+its ``vmap`` cannot batch layers that record ``float(...)`` statistics, and any forward-mode AD
+(``torch.func.jvp``, ``torch.autograd.forward_ad``) costs a one-off import of ``torch._dynamo``
+(seconds on a small CPU machine) while failing on the same custom Functions.
 
-* VJP ``u -> J^T u``: :func:`torch.func.vjp`, else one ``torch.autograd`` graph reused with
-  ``retain_graph`` (reverse mode works through any differentiable layer);
-* JVP ``v -> J v``: :func:`torch.func.jvp` (forward mode), else the double-backward trick
-  ``J v = d/du <J^T u, v>``, else central finite differences
-  ``(f(x + h v) - f(x - h v)) / 2h`` with ``h = FD_REL_STEP(dtype) * max(||x||, 1) / ||v||`` (error
-  ``O(h^2)`` plus rounding and the tolerance of any iterative inverse divided by ``h``).
+* VJP ``u -> J^T u``: one forward graph, reused with ``retain_graph`` for every ``u``.
+* JVP ``v -> J v``: the double-backward trick ``J v = d/du <J^T u, v>`` on one cached graph of
+  ``J^T u`` (one extra backward per product); where a layer is not twice differentiable (the
+  implicit backward of residual blocks is ``once_differentiable``), central finite differences
+  ``(f(x + h v) - f(x - h v)) / 2h`` with
+  ``h = FD_REL_STEP(dtype) * max(||x||, 1) / ||v||`` (error ``O(h^2)`` plus rounding, plus the
+  tolerance of any iterative inverse divided by ``h``).
 
 Because each example is mapped independently, ``J^T u`` of the batch sum gives every example's
 product at once, and a full Jacobian needs ``D_out`` reverse passes over one forward graph.
@@ -29,18 +33,13 @@ FD_REL_STEP = {torch.float64: 6e-6, torch.float32: 5e-3}
 
 def vjp_fn(f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """``(f(x), u -> J^T u)`` for ``x (B, D)``; ``u`` has the shape of ``f(x)``."""
-    try:
-        y, fn = torch.func.vjp(f, x)
-        return y.detach(), lambda u: fn(u)[0].detach()
-    except Exception:  # noqa: BLE001 - layers torch.func cannot trace: plain reverse mode
-        pass
     with torch.enable_grad():
         xx = x.detach().requires_grad_(True)
         y = f(xx)
 
     def back(u: Tensor) -> Tensor:
         (g,) = torch.autograd.grad(y, xx, u, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(xx) if g is None else g
+        return torch.zeros_like(xx) if g is None else g.detach()
 
     return y.detach(), back
 
@@ -48,17 +47,17 @@ def vjp_fn(f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Callable[[
 def jvp_fn(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor], Tensor]:
     """``v -> J v`` at ``x`` (see the module docstring for the fallback chain)."""
     x = x.detach()
-
-    def forward_mode(v):
-        return torch.func.jvp(f, (x,), (v,))[1]
+    cache: dict = {}
 
     def double_backward(v):
-        with torch.enable_grad():
-            xx = x.clone().requires_grad_(True)
-            y = f(xx)
-            u = torch.zeros_like(y, requires_grad=True)
-            (g,) = torch.autograd.grad(y, xx, u, create_graph=True)
-            (jv,) = torch.autograd.grad(g, u, v)
+        if "g" not in cache:
+            with torch.enable_grad():
+                xx = x.clone().requires_grad_(True)
+                y = f(xx)
+                u = torch.zeros_like(y, requires_grad=True)
+                (g,) = torch.autograd.grad(y, xx, u, create_graph=True)  # J^T u, linear in u
+            cache.update(g=g, u=u)
+        (jv,) = torch.autograd.grad(cache["g"], cache["u"], v, retain_graph=True)
         return jv
 
     def finite_difference(v):
@@ -69,7 +68,7 @@ def jvp_fn(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor], Tenso
         with torch.no_grad():
             return (f(x + h * v) - f(x - h * v)) / (2 * h)
 
-    chain = [forward_mode, double_backward, finite_difference]
+    chain = [double_backward, finite_difference]
     state = {"i": 0}
 
     def jvp(v: Tensor) -> Tensor:

@@ -72,8 +72,8 @@ def _to_model_space(data: Tensor, levels: int | None, seed: int) -> Tensor:
     if levels is None:
         return data
     g = torch.Generator().manual_seed(seed)
-    u = torch.rand(data.shape, generator=g, dtype=torch.float64)
-    return ((data.double().cpu() + u) / levels).to(data.dtype if data.is_floating_point() else torch.float32)
+    u = torch.rand(data.shape, generator=g, dtype=torch.float64).to(data.device)
+    return ((data.double() + u) / levels).to(data.dtype if data.is_floating_point() else torch.float32)
 
 
 def _prepare(data, levels, train):

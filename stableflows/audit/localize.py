@@ -147,8 +147,9 @@ def layer_gain(m: Transform, b: Tensor, iterations: int = GAIN_ITERATIONS,
     def f(t):
         return m.inverse(t)[0]
 
-    def unit(t):
-        return t / _rows(t).norm(dim=1).clamp_min(1e-300).view(-1, *([1] * (t.dim() - 1)))
+    def unit(t):  # norms in float64: a float32 norm of entries ~1e20 overflows
+        nrm = _rows(t).double().norm(dim=1).clamp_min(1e-300).view(-1, *([1] * (t.dim() - 1)))
+        return (t.double() / nrm).to(t.dtype)
 
     try:
         _, vjp = _ad.vjp_fn(f, bb)
@@ -158,7 +159,7 @@ def layer_gain(m: Transform, b: Tensor, iterations: int = GAIN_ITERATIONS,
         for _ in range(iterations):
             jv = jvp(v)  # J v
             sigma = _rows(jv).double().norm(dim=1).cpu()
-            v = torch.nan_to_num(unit(vjp(jv)))  # J^T J v, normalised
+            v = torch.nan_to_num(unit(vjp(unit(jv))))  # J^T J v, normalised (J v first, against overflow)
         out[ok] = sigma
     except Exception:  # noqa: BLE001 - a layer that cannot be differentiated: gain unknown
         pass

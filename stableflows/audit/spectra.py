@@ -4,12 +4,11 @@ Reported per point: ``sigma_min``, ``sigma_max`` and the condition number ``sigm
 (paper 000 Fig. 2/5; the supervised table of paper 001 lists min/max singular values).
 
 * **exact**: the full Jacobian as ``D`` vector-Jacobian products of ``x -> sum_b F(x)_b`` over one
-  forward graph (:func:`torch.func.vjp`, or plain autograd where torch.func cannot trace the model:
-  :mod:`.autodiff`; valid because a flow acts on each example independently), then
+  forward graph (:mod:`.autodiff`; valid because a flow acts on each example independently), then
   ``torch.linalg.svdvals`` in float64. Also the numerical ``log|det J|`` (``slogdet``) to
   compare with the model's analytic log-det.
 * **iterative**: Lanczos on ``J^T J`` with full re-orthogonalisation, using only Jacobian-vector
-  products (:func:`torch.func.jvp`) and vector-Jacobian products (:func:`torch.func.vjp`), never
+  products and vector-Jacobian products (:mod:`.autodiff`), never
   the full Jacobian. Ritz values bound the spectrum from inside: ``lambda_max`` converges from below
   in a few steps, ``lambda_min`` from above but slowly (and ``J^T J`` squares the condition number).
   So ``sigma_min(J_F)`` is also estimated as ``1 / sigma_max(J_{F^-1})`` (exact when the inverse is
@@ -76,20 +75,25 @@ def lanczos_gram_extremes(fn: Callable[[Tensor], Tensor], x: Tensor, steps: int 
     jvp = _ad.jvp_fn(f, xf)
 
     def gram(v: Tensor) -> Tensor:
-        return vjp(jvp(v)).detach()  # J^T J v, (B, D)
+        """``J^T J v`` in float64, scaled so that no intermediate overflows the model dtype."""
+        u = jvp(v.to(xf.dtype)).double()  # J v
+        s = u.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        return vjp((u / s).to(xf.dtype)).double() * s
 
     def rand_unit(q_basis: Tensor | None) -> Tensor:
-        v = torch.randn((b, d), generator=generator, dtype=torch.float64).to(xf)
+        v = torch.randn((b, d), generator=generator, dtype=torch.float64).to(xf.device)
         if q_basis is not None:
             for _ in range(2):
                 v = v - torch.einsum("bk,bkd->bd", torch.einsum("bkd,bd->bk", q_basis, v), q_basis)
         return v / v.norm(dim=1, keepdim=True)
 
-    Q = torch.zeros((b, m, d), dtype=xf.dtype, device=xf.device)
-    alpha = torch.zeros((b, m), dtype=xf.dtype, device=xf.device)
-    beta = torch.zeros((b, m), dtype=xf.dtype, device=xf.device)
-    q, q_prev, beta_prev = rand_unit(None), torch.zeros_like(xf), torch.zeros(b, dtype=xf.dtype, device=xf.device)
-    scale = torch.ones(b, dtype=xf.dtype, device=xf.device)
+    # the Lanczos recurrence itself runs in float64 whatever the model's dtype
+    f64 = dict(dtype=torch.float64, device=xf.device)
+    Q = torch.zeros((b, m, d), **f64)
+    alpha = torch.zeros((b, m), **f64)
+    beta = torch.zeros((b, m), **f64)
+    q, q_prev, beta_prev = rand_unit(None), torch.zeros((b, d), **f64), torch.zeros(b, **f64)
+    scale = torch.ones(b, **f64)
     for j in range(m):
         Q[:, j] = q
         w = gram(q)
@@ -111,8 +115,8 @@ def lanczos_gram_extremes(fn: Callable[[Tensor], Tensor], x: Tensor, steps: int 
         q_prev, q, beta_prev = q, q_new, nb
     T = torch.diag_embed(alpha) + torch.diag_embed(beta[:, : m - 1], 1) + torch.diag_embed(beta[:, : m - 1], -1)
     ok = torch.isfinite(T.reshape(b, -1)).all(dim=1)
-    lam_max = torch.full((b,), float("nan"), dtype=xf.dtype)
-    lam_min = torch.full((b,), float("nan"), dtype=xf.dtype)
+    lam_max = torch.full((b,), float("nan"), dtype=torch.float64)
+    lam_min = torch.full((b,), float("nan"), dtype=torch.float64)
     if ok.any():
         ev = torch.linalg.eigvalsh(T[ok])  # ascending
         lam_max[ok], lam_min[ok] = ev[:, -1].cpu(), ev[:, 0].clamp_min(0).cpu()

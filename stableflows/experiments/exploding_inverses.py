@@ -43,7 +43,7 @@ __all__ = ["supervised_table", "gradient_angle_curve", "regression_2d", "decorre
 
 TOLERANCE = 1e-3  # DESIGN.md: invertible within tolerance (L2 reconstruction error, float32, data in [0, 1])
 GRAD_CLIP = 50.0
-DIGITS_SETTINGS = dict(levels=2, steps_per_level=8, hidden=64, batch_size=64, lr=1e-3, steps=2000,
+DIGITS_SETTINGS = dict(levels=2, steps_per_level=4, hidden=32, batch_size=64, lr=1e-3, steps=1500,
                        fd_weight=1e-3, fd_every=10, fd_eps=0.1, nf_weight=0.02, angle_every=25, track_every=50)
 # The authors' CIFAR-10 command lines (README of their code): 3 levels x 16 steps, 128 hidden channels,
 # batch 128, Adam lr 1e-4, FD coefficients 1e-4 every 10 steps, NF coefficient 1e-5 on the summed

@@ -1,0 +1,229 @@
+"""Factories of residual flows: ``resflow`` (Chen et al. 2019) and ``iresnet`` (Behrmann et al. 2019).
+
+Every block is ``z = x + g(x)`` with ``Lip(g) < 1`` (:class:`~stableflows.transforms.residual.ResidualBlock`),
+so forward and inverse are bi-Lipschitz; the log-det comes from the estimator chosen per model
+(``exact`` brute-force Jacobian, ``series`` truncated power series, ``roulette`` unbiased Russian
+roulette; see :mod:`stableflows.estimators`).
+
+Architecture (paper 002, app. E), ActNorm before the first block and after every block::
+
+    vectors (D,):     [Logit] -> ActNorm -> (ResBlock -> ActNorm) x (levels * steps_per_level)
+                      g = Linear -> act -> Linear -> act -> Linear            (``mlp_layers`` = 3)
+    images (C, H, W): Logit -> scale_0 -> [Squeeze -> (factor out) -> scale_k] x (levels - 1)
+                      -> flatten -> ActNorm -> (FC ResBlock -> ActNorm) x fc_blocks
+                      scale_k = ActNorm -> (ResBlock -> ActNorm) x steps_per_level
+                      g = act -> 3x3 conv -> act -> 1x1 conv -> act -> 3x3 conv  (``hidden`` channels)
+                      FC g = act -> Linear -> act -> Linear -> act -> Linear     (``fc_hidden`` units)
+
+``factor_out``: after the squeeze that ends each scale but the last, half the channels leave the
+flow as standard-normal latents (``SplitPrior(learned=False)``), as the published code does for
+images larger than 32x32. Image latents are flat ``(B, D)``; vector latents keep ``(D,)``.
+
+Defaults. ``resflow``: LipSwish, ``c = 0.98``, Russian roulette (2 exact terms + ``Geom(0.5)``
+tail in training; 20 exact terms + tail in evaluation), Neumann-series gradient and
+backward-in-forward. ``iresnet``: ELU, ``c = 0.9``, truncated series of ``n_series_terms`` terms.
+The Neumann gradient of a truncated series has, over the probe, the expectation of the gradient
+of that series, so it and backward-in-forward stay on for i-ResNets too (memory only).
+
+2-D vectors get no logit: every 2-D data set here is a continuous toy density outside ``[0, 1]``
+(``stableflows train --model resflow --data checkerboard`` works as is; ``--logit-alpha`` is
+ignored for ``D = 2``). Switching a model to evaluation mode re-converges the power iteration of
+every normalised layer for the current weights (:meth:`ResidualFlowModel.train`), so averaged (EMA)
+or loaded weights are normalised by their own norm, not by the vectors of other weights.
+
+Power iteration: ``n_power_iter`` is the *minimum* per training step; it continues until the norm
+changes by less than ``power_atol + power_rtol * sigma`` (at most ``max_power_iter``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from ..config import ModelConfig
+from ..transforms.base import Compose, ShapeError, Transform
+from ..transforms.elementwise import Logit
+from ..transforms.lipschitz import (DEFAULT_COEFF, DEFAULT_MAX_POWER_ITER, DEFAULT_POWER_ATOL, DEFAULT_POWER_RTOL,
+                                    NORMS, refresh_normalization)
+from ..transforms.multiscale import Flatten, MultiScale, SplitPrior
+from ..transforms.normalization import ActNorm
+from ..transforms.reshape import Squeeze
+from ..transforms.residual import (DEFAULT_INVERSE_ATOL, DEFAULT_INVERSE_MAX_ITER, DEFAULT_INVERSE_RTOL,
+                                   ResidualBlock, conv_lipschitz, mlp_lipschitz)
+from .flow import Flow
+from .registry import register_model
+
+__all__ = ["resflow", "iresnet", "ResidualFlowModel", "IRESNET_DEFAULTS", "TOY_DIM"]
+
+TOY_DIM = 2  # vectors of this size are continuous toy densities: no logit pre-transform
+MLP_LAYERS = 3  # normalised linear layers of the residual branch of vector models
+FC_LAYERS = 3  # normalised linear layers of the fully connected blocks of image models
+CONV_KERNEL = 3  # the outer convolutions of g (the middle one is 1x1)
+IRESNET_DEFAULTS = {"coeff": 0.9, "activation": "elu", "estimator": "series"}  # Behrmann et al. 2019
+_RESFLOW_FIELDS = ModelConfig()  # the config's defaults are the Residual Flow's
+
+
+class ResidualFlowModel(Flow):
+    """A :class:`Flow` of Lipschitz-constrained residual blocks; ``eval()`` re-converges the power
+    iteration of every normalised layer for the current weights (EMA averages and loaded weights
+    come with power-iteration vectors that belong to other weights)."""
+
+    def train(self, mode: bool = True) -> "ResidualFlowModel":
+        super().train(mode)
+        if not mode:
+            refresh_normalization(self)
+        return self
+
+
+def _check(shape, *, levels, steps_per_level, hidden, fc_blocks, coeff, logit_alpha, norm, activation) -> tuple:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise ShapeError(f"shape must be (D,) for vectors or (C, H, W) for images, got {shape}")
+    if levels < 1 or steps_per_level < 1 or hidden < 1 or fc_blocks < 0:
+        raise ValueError(f"need levels, steps_per_level, hidden >= 1 and fc_blocks >= 0, got "
+                         f"{levels}, {steps_per_level}, {hidden}, {fc_blocks}")
+    if not 0.0 < coeff < 1.0:
+        raise ValueError(f"coeff must lie in (0, 1) so that every block is invertible (Lip(g) < 1), got {coeff}")
+    if not 0.0 <= logit_alpha < 0.5:
+        raise ValueError(f"logit_alpha must lie in [0, 0.5), got {logit_alpha}")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    from ..transforms.activations import ACTIVATIONS
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(sorted(ACTIVATIONS))}")
+    if len(shape) == 3:
+        c, h, w = shape
+        f = 2 ** (levels - 1)
+        if h % f or w % f:
+            raise ShapeError(f"{levels} levels squeeze {levels - 1} times: height and width must be divisible "
+                             f"by {f}, got {shape}")
+    return shape
+
+
+def _stack(shape: tuple, n: int, make_g, actnorm: bool, block_kw: dict) -> list[Transform]:
+    """``[ActNorm] -> (ResBlock -> [ActNorm]) x n`` at event shape ``shape``."""
+    layers: list[Transform] = [ActNorm(shape)] if actnorm else []
+    for _ in range(n):
+        layers.append(ResidualBlock(make_g(), **block_kw))
+        if actnorm:
+            layers.append(ActNorm(shape))
+    return layers
+
+
+def _image_body(shape: tuple, k: int, *, levels: int, steps_per_level: int, factor_out: bool, fc_blocks: int,
+                fc_hidden: int, hidden: int, actnorm: bool, lip_kw: dict, block_kw: dict) -> Transform:
+    """Scale ``k`` and everything after it: ``(B, *shape) -> (B, prod(shape))``."""
+    c, h, w = shape
+
+    def conv_g():
+        return conv_lipschitz(c, hidden, input_shape=(h, w), kernel_size=CONV_KERNEL, **lip_kw)
+
+    layers = _stack(shape, steps_per_level, conv_g, actnorm, block_kw)
+    if k == levels - 1:
+        d = c * h * w
+
+        def fc_g():
+            return mlp_lipschitz(d, fc_hidden, n_layers=FC_LAYERS, preact=True, **lip_kw)
+
+        tail = _stack((d,), fc_blocks, fc_g, actnorm, block_kw) if fc_blocks else []
+        return Compose(layers + [Flatten(shape)] + tail)
+    squeezed = (4 * c, h // 2, w // 2)  # (B, 4C, H/2, W/2)
+    layers.append(Squeeze(2))
+    kw = dict(levels=levels, steps_per_level=steps_per_level, factor_out=factor_out, fc_blocks=fc_blocks,
+              fc_hidden=fc_hidden, hidden=hidden, actnorm=actnorm, lip_kw=lip_kw, block_kw=block_kw)
+    if factor_out:
+        prior = SplitPrior(squeezed, learned=False)  # the factored-out half is N(0, I)
+        inner = _image_body((prior.c1, h // 2, w // 2), k + 1, **kw)
+        return MultiScale(Compose(layers), prior, inner, squeezed)
+    return Compose(layers + [_image_body(squeezed, k + 1, **kw)])
+
+
+def _build(*, shape, levels, steps_per_level, hidden, logit_alpha, actnorm, coeff, activation, norm, estimator,
+           n_exact_terms, eval_exact_terms, n_samples, dist, p, probe, n_series_terms, neumann_grad,
+           grad_in_forward, n_power_iter, power_atol, power_rtol, max_power_iter, fc_blocks, fc_hidden,
+           factor_out, mlp_layers, inverse_atol, inverse_rtol, inverse_max_iter, strict, config) -> Flow:
+    shape = _check(shape, levels=levels, steps_per_level=steps_per_level, hidden=hidden, fc_blocks=fc_blocks,
+                   coeff=coeff, logit_alpha=logit_alpha, norm=norm, activation=activation)
+    lip_kw = dict(coeff=coeff, activation=activation, norm=norm, n_power_iter=n_power_iter, atol=power_atol,
+                  rtol=power_rtol, max_power_iter=max(max_power_iter, n_power_iter))
+    block_kw = dict(estimator=estimator, n_exact_terms=n_exact_terms, eval_exact_terms=eval_exact_terms,
+                    n_samples=n_samples, dist=dist, p=p, n_series_terms=n_series_terms, neumann_grad=neumann_grad,
+                    grad_in_forward=grad_in_forward, probe=probe, inverse_atol=inverse_atol,
+                    inverse_rtol=inverse_rtol, max_iter=inverse_max_iter, strict=strict)
+    toy = len(shape) == 1 and shape[0] == TOY_DIM
+    pre: list[Transform] = [Logit(logit_alpha)] if logit_alpha > 0 and not toy else []
+    if len(shape) == 1:
+        d = shape[0]
+
+        def mlp_g():
+            return mlp_lipschitz(d, hidden, n_layers=mlp_layers, **lip_kw)
+
+        body = _stack(shape, levels * steps_per_level, mlp_g, actnorm, block_kw)
+        return ResidualFlowModel(Compose(pre + body), shape, shape, config=config)
+    body = _image_body(shape, 0, levels=levels, steps_per_level=steps_per_level, factor_out=factor_out,
+                       fc_blocks=fc_blocks, fc_hidden=fc_hidden or hidden, hidden=hidden, actnorm=actnorm,
+                       lip_kw=lip_kw, block_kw=block_kw)
+    return ResidualFlowModel(Compose(pre + [body]), shape, (math.prod(shape),), config=config)
+
+
+def resflow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hidden: int = 64,
+            logit_alpha: float = 0.05, actnorm: bool = True, coeff: float = DEFAULT_COEFF,
+            activation: str = "lipswish", norm: str = "spectral", estimator: str = "roulette",
+            n_exact_terms: int = 2, eval_exact_terms: int = 20, n_samples: int = 1, dist: str = "geometric",
+            p: float | None = None, probe: str = "gaussian", n_series_terms: int = 5, neumann_grad: bool = True,
+            grad_in_forward: bool = True, n_power_iter: int = 1, power_atol: float | None = DEFAULT_POWER_ATOL,
+            power_rtol: float | None = DEFAULT_POWER_RTOL, max_power_iter: int = DEFAULT_MAX_POWER_ITER,
+            fc_blocks: int = 0, fc_hidden: int | None = None, factor_out: bool = False, mlp_layers: int = MLP_LAYERS,
+            inverse_atol: float = DEFAULT_INVERSE_ATOL, inverse_rtol: float = DEFAULT_INVERSE_RTOL,
+            inverse_max_iter: int = DEFAULT_INVERSE_MAX_ITER, strict: bool = False, config=None) -> Flow:
+    """Residual Flow (Chen et al. 2019): LipSwish, ``c = 0.98``, unbiased Russian roulette,
+    Neumann gradient + backward-in-forward (module docstring for the architecture).
+
+    Args:
+        shape: ``(D,)`` (fully connected blocks) or ``(C, H, W)`` (multi-scale convolutional).
+        levels, steps_per_level: scales and blocks per scale (vectors: ``levels * steps_per_level`` blocks).
+        hidden: channels / units of the residual branches.
+        logit_alpha: logit pre-transform (0 disables it; never applied to 2-D vectors).
+        actnorm: ActNorm before the first block and after every block.
+        coeff, activation, norm: Lipschitz bound of every normalised layer, activation, ``spectral`` | ``inf``.
+        estimator: ``exact`` | ``series`` | ``roulette``; ``n_exact_terms``, ``eval_exact_terms``,
+            ``n_samples``, ``dist``, ``p``, ``probe``, ``n_series_terms``, ``neumann_grad``,
+            ``grad_in_forward`` configure it (:func:`stableflows.estimators.make_estimator`).
+        n_power_iter, power_atol, power_rtol, max_power_iter: adaptive power iteration per training step.
+        fc_blocks, fc_hidden: fully connected blocks after the last scale (images), their width (default ``hidden``).
+        factor_out: factor out half the channels after each squeeze (images).
+        mlp_layers: normalised linear layers per branch of vector models.
+        inverse_atol, inverse_rtol, inverse_max_iter, strict: fixed-point inverse of every block.
+    """
+    return _build(**{k: v for k, v in locals().items()})
+
+
+def iresnet(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hidden: int = 64,
+            logit_alpha: float = 0.05, actnorm: bool = True, coeff: float = IRESNET_DEFAULTS["coeff"],
+            activation: str = IRESNET_DEFAULTS["activation"], norm: str = "spectral",
+            estimator: str = IRESNET_DEFAULTS["estimator"], n_exact_terms: int = 2, eval_exact_terms: int = 20,
+            n_samples: int = 1, dist: str = "geometric", p: float | None = None, probe: str = "gaussian",
+            n_series_terms: int = 5, neumann_grad: bool = True, grad_in_forward: bool = True,
+            n_power_iter: int = 1, power_atol: float | None = DEFAULT_POWER_ATOL,
+            power_rtol: float | None = DEFAULT_POWER_RTOL, max_power_iter: int = DEFAULT_MAX_POWER_ITER,
+            fc_blocks: int = 0, fc_hidden: int | None = None, factor_out: bool = False, mlp_layers: int = MLP_LAYERS,
+            inverse_atol: float = DEFAULT_INVERSE_ATOL, inverse_rtol: float = DEFAULT_INVERSE_RTOL,
+            inverse_max_iter: int = DEFAULT_INVERSE_MAX_ITER, strict: bool = False, config=None) -> Flow:
+    """i-ResNet (Behrmann et al. 2019): the architecture of :func:`resflow` with ELU, ``c = 0.9``
+    and the biased truncated series of ``n_series_terms`` terms.
+
+    Built from a :class:`~stableflows.config.ModelConfig` (``build_model``, the CLI), a ``coeff``,
+    ``activation`` or ``estimator`` equal to the config's default (the Residual Flow's 0.98,
+    ``lipswish``, ``roulette``) means "the i-ResNet default"; for an i-ResNet with those values use
+    ``--model resflow --activation elu --estimator series``. Arguments as :func:`resflow`.
+    """
+    kw = dict(locals())
+    if config is not None:
+        for name, value in IRESNET_DEFAULTS.items():
+            if kw[name] == getattr(_RESFLOW_FIELDS, name):
+                kw[name] = value
+    return _build(**kw)
+
+
+register_model("resflow", resflow)
+register_model("iresnet", iresnet)
