@@ -156,6 +156,22 @@ def test_logit_message_names_range_and_alpha0_endpoints():
     assert torch.isfinite(z).all() and torch.isfinite(ld).all()
 
 
+def test_logit_domain_is_the_image_of_its_inverse():
+    """With alpha > 0 the inverse maps R onto (-a/(1-2a), (1-a)/(1-2a)), wider than [0, 1]: samples
+    land there, and the forward pass must take them back (else every sample is a false alarm)."""
+    a = 0.05
+    lo, hi = -a / (1 - 2 * a), (1 - a) / (1 - 2 * a)
+    assert Logit(a).domain() == pytest.approx((lo, hi), abs=1e-15)
+    y = torch.tensor([[-12.0, -4.0, 0.0, 4.0, 12.0]], dtype=torch.float64)  # |y| >> 12: 1 - sigmoid(y) cancels
+    x, _ = Logit(a).inverse(y)
+    assert float(x.min()) < 0 and float(x.max()) > 1  # outside [0, 1], inside the domain
+    y2, _ = Logit(a)(x)
+    np.testing.assert_allclose(y2.numpy(), y.numpy(), rtol=1e-9, atol=1e-9)
+    for bad in (lo, hi, lo - 1e-3, hi + 1e-3):  # open interval: the ends map to -inf / inf
+        with pytest.raises(InputOutsideDomain, match="open interval"):
+            Logit(a)(torch.tensor([[0.5, bad]], dtype=torch.float64))
+
+
 def test_logit_matches_closed_form():
     a = 0.05
     x = torch.tensor([[0.0, 0.2, 0.5, 0.99]])

@@ -20,9 +20,11 @@ __all__ = ["Logit"]
 
 
 class Logit(Transform):
-    """``y = logit(alpha + (1 - 2 alpha) x)`` for ``x`` in ``[0, 1]`` (``(0, 1)`` when ``alpha = 0``).
+    """``y = logit(alpha + (1 - 2 alpha) x)`` on ``-alpha / (1 - 2 alpha) < x < (1 - alpha) / (1 - 2 alpha)``
+    (which contains ``[0, 1]`` when ``alpha > 0``; it is ``(0, 1)`` when ``alpha = 0``).
 
-    Any shape ``(B, ...)``. Inputs outside the domain raise :class:`InputOutsideDomain`.
+    Any shape ``(B, ...)``. Inputs outside the domain raise :class:`InputOutsideDomain`; data-range
+    checks (levels, ``[0, 1]``) belong to the data pipeline (:func:`stableflows.metrics.check_levels`).
     """
 
     def __init__(self, alpha: float = 0.05):
@@ -32,19 +34,26 @@ class Logit(Transform):
         self.alpha = float(alpha)
         self._log_width = math.log1p(-2.0 * self.alpha)  # log(1 - 2 alpha)
 
+    def domain(self) -> tuple[float, float]:
+        """The open interval of ``x`` on which the map is a bijection onto the reals:
+        ``alpha + (1 - 2 alpha) x`` in ``(0, 1)``. With ``alpha > 0`` it is wider than ``[0, 1]``,
+        and the inverse (sampling) lands anywhere in it, so the forward pass accepts all of it."""
+        lo = -self.alpha / (1.0 - 2.0 * self.alpha)
+        return lo, 1.0 - lo
+
     def _check_domain(self, x):
-        if self.alpha > 0:
-            inside = (x >= 0) & (x <= 1)
-            domain = "[0, 1]"
-        else:
-            inside = (x > 0) & (x < 1)
-            domain = "(0, 1) (alpha = 0: logit(0) and logit(1) are infinite)"
+        lo, hi = self.domain()
+        u = self.alpha + (1.0 - 2.0 * self.alpha) * x
+        one_minus_u = (1.0 - self.alpha) - (1.0 - 2.0 * self.alpha) * x
+        inside = (u > 0) & (one_minus_u > 0)
         if not bool(inside.all()):
+            x = x.detach()
             n_nan = int(torch.isnan(x).sum())
             finite = x[~torch.isnan(x)]
             found = f"[{float(finite.min()):.6g}, {float(finite.max()):.6g}]" if finite.numel() else "none"
             raise InputOutsideDomain(
-                f"Logit(alpha={self.alpha}) needs inputs in {domain}; found values in {found}"
+                f"Logit(alpha={self.alpha}) needs inputs in the open interval ({lo:.6g}, {hi:.6g}) "
+                f"(data in [0, 1] when alpha > 0); found values in {found}"
                 + (f" and {n_nan} NaN" if n_nan else "")
             )
 
