@@ -56,6 +56,26 @@ class ModelConfig:
     fc_blocks: int = 0
     factor_out: bool = False
     norm: str = "spectral"  # spectral | inf (induced infinity-norm)
+    # invertible classifiers and hybrid models (models "classifier", "hybrid")
+    n_classes: int = 10  # classes of the head
+    head: str = "linear"  # linear | mlp | bn_relu | conv
+    head_hidden: int = 128  # hidden width of the mlp / conv heads
+    block: str = "residual"  # hybrid blocks: residual | coupling | coupling_1x1
+    lam: float = 1.0  # hybrid: weight of -log p(x) (nats) next to the cross-entropy
+    memory_saving: bool = False  # recompute activations by inversion in the backward pass
+    n_samples: int = 1  # Hutchinson probes per block (roulette / series)
+    dist: str = "geometric"  # geometric | poisson: number of terms of the Russian roulette
+    probe: str = "gaussian"  # gaussian | rademacher Hutchinson probes
+    eval_exact_terms: int = 20  # exact terms of the roulette estimator in evaluation mode (paper: 20)
+    mlp_layers: int = 3  # normalised linear layers per residual branch of vector models
+    fc_hidden: int = 0  # width of the fully connected blocks after the last scale (0: hidden)
+    power_atol: float = 1e-6  # adaptive power iteration stops when sigma changes by < atol + rtol * sigma
+    power_rtol: float = 1e-4
+    max_power_iter: int = 100  # cap of the power iteration per training step
+    inverse_atol: float = 1e-6  # fixed-point inverse of residual blocks: tolerances and iteration cap
+    inverse_rtol: float = 1e-6
+    inverse_max_iter: int = 500
+    strict: bool = False  # raise InverseNotConverged instead of recording an unconverged inverse
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,19 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch.set_num_threads
     progress: bool = True
+    # objective (stableflows.train.supervised.make_objective for classification / hybrid)
+    objective: str = "likelihood"  # likelihood | classification | hybrid
+    label_smoothing: float = 0.0
+    fd_forward: float = 0.0  # weight of the forward finite-difference penalty (0 disables)
+    fd_inverse: float = 0.0  # weight of the inverse finite-difference penalty (0 disables)
+    fd_eps: float = 0.1  # finite-difference step; the penalty is ||F(x + eps d) - F(x)||^2 / eps^2
+    fd_every: int = 10  # apply the FD penalties every k-th step
+    nf_weight: float = 0.0  # weight of the normalizing-flow objective (bits/dim) as a regulariser
+    # memory-saving gradients: check against stored activations (stableflows.memory.GradientGuard)
+    angle_every: int = 0  # log the gradient angle every k steps (0: never)
+    fallback: bool = False  # use stored activations for a step whose memory-saving gradient is off
+    max_angle: float = 1.0  # degrees: a larger angle counts as off
+    max_rel_error: float = 0.05  # ||g_ms - g_stored|| / ||g_stored|| above this counts as off
 
 
 @dataclass(frozen=True)

@@ -523,7 +523,10 @@ class GradientGuard:
         self.history: list[tuple[int, float, float, bool]] = []
         self.n_fallbacks = 0
 
-    def backward(self, model: nn.Module, objective, batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def backward(self, model: nn.Module, objective, batch, step: int, *, check: bool | None = None
+                 ) -> tuple[Tensor, dict[str, float]]:
+        """One step's backward pass; ``check`` (default: ``step % every == 0``) forces or skips the
+        comparison with stored activations on this step."""
         if hasattr(objective, "set_step"):
             objective.set_step(step)
         if not has_memory_saving(model):
@@ -538,7 +541,8 @@ class GradientGuard:
         g_ms = _grads(loss, params)
         flat_ms = _flat(g_ms, params)
         finite = bool(torch.isfinite(flat_ms).all())
-        check = self.every > 0 and step % self.every == 0
+        if check is None:
+            check = self.every > 0 and step % self.every == 0
         grads = g_ms
         if check or (self.fallback and not finite):
             after = _rng_state(device)

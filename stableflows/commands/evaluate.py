@@ -1,7 +1,8 @@
 """Evaluate the selected weights of a run on its test split (or validation split).
 
 The metric is bits/dim with the fixed dequantisation noise of seed 0 (DESIGN.md) for discrete data,
-mean negative log-likelihood in nats for continuous data. Given a run directory, best.pt (the
+mean negative log-likelihood in nats for continuous data; for a run trained with the classification
+or hybrid objective, the classification error, accuracy, cross-entropy and bits/dim. Given a run directory, best.pt (the
 validation-selected EMA weights) is used; given a checkpoint file, that file (EMA weights of a
 last.pt). The result is printed and written to eval.json next to the checkpoint (or --out).
 
@@ -16,7 +17,8 @@ import json
 from pathlib import Path
 
 NAME = "eval"
-HELP = "evaluate a run's selected weights: test bits/dim with fixed noise (seed 0)"
+HELP = ("evaluate a run's selected weights: test bits/dim with fixed noise (seed 0); accuracy too for "
+        "classifiers")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,12 +52,25 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.replace("data", data_dir=args.data_dir)
     splits = load_dataset(cfg.data, seed=cfg.train.seed)
     x = getattr(splits, args.split)
-    value = evaluate(flow, x, splits.levels, batch_size=args.batch_size)
-    m = metric_name(splits.levels)
-    result = {"checkpoint": str(path), "split": args.split, "metric": m, m: value, "n": int(x.shape[0]),
+    extra: dict = {}
+    if cfg.train.objective in ("classification", "hybrid"):  # accuracy, error, cross-entropy and bits/dim
+        from ..train.supervised import evaluate_classifier
+
+        y = getattr(splits, f"y_{args.split}")
+        if y is None or not callable(getattr(flow, "features", None)):
+            raise ConfigError(f"checkpoint {path} was trained with objective {cfg.train.objective}, but "
+                              f"{'the data have no labels' if y is None else 'the model has no head'}")
+        extra = evaluate_classifier(flow, x, y, splits.levels, batch_size=args.batch_size)
+        m = "error"
+        value = extra.pop("error")
+    else:
+        value = evaluate(flow, x, splits.levels, batch_size=args.batch_size)
+        m = metric_name(splits.levels)
+    result = {"checkpoint": str(path), "split": args.split, "metric": m, m: value, **extra, "n": int(x.shape[0]),
               "step": ckpt.get("step"), "data": splits.name, "eval_seed": EVAL_SEED}
     out = Path(args.out) if args.out else path.parent / "eval.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    print(f"{args.split} {m}: {value:.4f} ({path}, step {ckpt.get('step')}, {x.shape[0]} examples, "
+    more = "".join(f", {k} {v:.4f}" for k, v in extra.items())
+    print(f"{args.split} {m}: {value:.4f}{more} ({path}, step {ckpt.get('step')}, {x.shape[0]} examples, "
           f"fixed noise seed {EVAL_SEED}) -> {out}")
     return 0

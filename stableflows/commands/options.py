@@ -24,7 +24,8 @@ FLAG_OVERRIDES = {("data", "name"): "data"}  # (section, field) -> flag name wit
 NONE_WORDS = ("none", "null")
 RESERVED_FLAGS = ("config", "resume", "help")  # flags of the commands themselves
 METAVARS = {"model.model": "NAME", "data.name": "NAME", "data.data_dir": "DIR", "train.out_dir": "DIR",
-            "train.device": "DEVICE", "train.time_budget": "SECONDS"}
+            "train.device": "DEVICE", "train.time_budget": "SECONDS",
+            "train.objective": "KIND", "model.head": "KIND", "model.block": "KIND"}
 
 # One help string per config field ("section.field"); tests check it is complete.
 HELP: dict[str, str] = {
@@ -55,6 +56,28 @@ HELP: dict[str, str] = {
     "model.fc_blocks": "residual flows: fully connected residual blocks appended after the convolutional ones",
     "model.factor_out": "residual flows: factor out half the channels at each level (multi-scale)",
     "model.norm": "residual flows: normalisation of weights: spectral (2-norm) | inf (induced infinity-norm)",
+    "model.n_classes": "classifier / hybrid: number of classes of the head",
+    "model.head": "classifier / hybrid: head on the latent: linear | mlp | bn_relu (flatten, BatchNorm, ReLU, "
+                  "linear) | conv (3x3 conv, ReLU, global average pool, linear)",
+    "model.head_hidden": "classifier / hybrid: hidden width of the mlp and conv heads",
+    "model.block": "hybrid: blocks of the flow: residual (i-ResNet) | coupling | coupling_1x1 (1x1 conv + coupling)",
+    "model.lam": "hybrid: weight lambda of -log p(x) (nats) next to the cross-entropy, "
+                 "loss = lambda (-log p(x)) - log p(y|x); 1/D weighs the density per dimension, 0 is a classifier",
+    "model.memory_saving": "classifier / hybrid: memory-saving gradients: keep only the flow's output and "
+                           "recompute the activations by inversion in the backward pass (memory flat in depth)",
+    "model.n_samples": "residual flows: Hutchinson probe vectors per block and example for the stochastic log-det",
+    "model.dist": "residual flows: distribution of the Russian-roulette number of terms: geometric | poisson",
+    "model.probe": "residual flows: Hutchinson probe distribution: gaussian | rademacher",
+    "model.eval_exact_terms": "residual flows: exact power-series terms of the roulette estimator in evaluation mode (paper: 20)",
+    "model.mlp_layers": "residual flows: normalised linear layers per residual branch of vector models",
+    "model.fc_hidden": "residual flows: width of the fully connected blocks after the last scale (0: same as --hidden)",
+    "model.power_atol": "residual flows: the adaptive power iteration stops when sigma changes by less than atol + rtol * sigma",
+    "model.power_rtol": "residual flows: relative tolerance of the adaptive power iteration (see --power-atol)",
+    "model.max_power_iter": "residual flows: cap on power iterations per training step (at least --n-power-iter run)",
+    "model.inverse_atol": "residual flows: absolute tolerance of the fixed-point inverse of every block",
+    "model.inverse_rtol": "residual flows: relative tolerance of the fixed-point inverse of every block",
+    "model.inverse_max_iter": "residual flows: iteration cap of the fixed-point inverse (unconverged inverses are recorded)",
+    "model.strict": "residual flows: raise InverseNotConverged when a fixed-point inverse misses its tolerance",
     # data
     "data.name": "dataset: digits (embedded 8x8, 17 levels) | moons | circles | 8gaussians | checkerboard | "
                  "pinwheel | rings (2-D toys) | mnist | fashion-mnist | cifar10 | svhn (local files under --data-dir)",
@@ -77,6 +100,25 @@ HELP: dict[str, str] = {
     "train.device": "auto (CUDA when available) | cpu | cuda | cuda:N",
     "train.threads": "CPU threads of PyTorch (torch.set_num_threads); none = PyTorch's default",
     "train.progress": "show a progress bar with the live training bits/dim (off when stderr is not a terminal)",
+    "train.objective": "likelihood (bits/dim of a flow) | classification (cross-entropy of a classifier, "
+                       "optionally with FD / NF regularisers) | hybrid (lambda (-log p(x)) - log p(y|x)); "
+                       "classification and hybrid need labels and --model classifier or hybrid",
+    "train.label_smoothing": "classification / hybrid: label smoothing of the cross-entropy, in [0, 1)",
+    "train.fd_forward": "classification / hybrid: weight of the forward finite-difference penalty "
+                        "||F(x + eps d) - F(x)||^2 / eps^2 (one random unit direction d per example); 0 disables",
+    "train.fd_inverse": "classification / hybrid: weight of the inverse finite-difference penalty "
+                        "||F^-1(z + eps d) - F^-1(z)||^2 / eps^2 at z = F(x); 0 disables",
+    "train.fd_eps": "finite-difference step eps of --fd-forward / --fd-inverse",
+    "train.fd_every": "apply the finite-difference penalties every k-th step",
+    "train.nf_weight": "classification: weight of the normalizing-flow objective (bits/dim, nats/dim on "
+                       "continuous data) as a regulariser; 0 disables",
+    "train.angle_every": "memory saving: every k steps also compute the stored-activation gradient and log the "
+                         "angle between the two (grad_check records in metrics.jsonl); 0 never",
+    "train.fallback": "memory saving: use the stored-activation gradient for a step whose memory-saving gradient "
+                      "is non-finite or, on a checked step, off by more than --max-angle / --max-rel-error (logged)",
+    "train.max_angle": "memory saving: gradient angle in degrees above which --fallback uses stored activations",
+    "train.max_rel_error": "memory saving: relative gradient error ||g_ms - g|| / ||g|| above which --fallback "
+                           "uses stored activations",
 }
 
 

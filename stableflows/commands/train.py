@@ -1,9 +1,14 @@
-"""Train a flow by maximum likelihood; outputs (metrics, checkpoints, figures) go to --out-dir.
+"""Train a flow by maximum likelihood, or an invertible classifier / hybrid model (--objective);
+outputs (metrics, checkpoints, figures) go to --out-dir.
 
 Examples:
   stableflows train --config configs/demo.toml
   stableflows train --model glow --data digits --hidden 64 --steps 2000 --time-budget 120
   stableflows train --out-dir runs/demo --resume --steps 4000     # continue an earlier run
+  stableflows train --config configs/classifier_digits_fd.toml    # classifier, FD regulariser, memory saving
+  stableflows train --model classifier --objective classification --data digits --memory-saving \
+      --fd-forward 1e-3 --fd-inverse 1e-3 --angle-every 50 --fallback
+  stableflows train --model hybrid --objective hybrid --block coupling --lam 0.015625 --data digits
 """
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import argparse
 from .options import add_config_arguments, config_from_args, stored_config
 
 NAME = "train"
-HELP = "train a flow (maximum likelihood, EMA, validation-selected weights, atomic checkpoints)"
+HELP = ("train a flow (maximum likelihood) or an invertible classifier / hybrid model (EMA, validation-selected "
+        "weights, atomic checkpoints)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,9 +49,18 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(cfg, resume=args.resume, callbacks=[mark_started])
     m = result.metric
-    unit = "bits/dim, fixed dequantisation noise (seed 0)" if m == "bpd" else "nats per example"
+    unit = {"bpd": "bits/dim, fixed dequantisation noise (seed 0)", "nll": "nats per example",
+            "error": "classification error"}.get(m, "")
     print(f"test {m}: {result.test:.4f} {unit}; weights of step {result.best_step} "
           f"(best validation {m} {result.best_val:.4f})")
+    extra = {k: v for k, v in result.test_metrics.items() if k != m}
+    if extra:
+        print("test " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
+    checks = [r for r in result.history if r.get("kind") == "grad_check"]
+    if checks:
+        worst = max(checks, key=lambda r: r["angle"] if r["angle"] == r["angle"] else float("inf"))
+        print(f"gradient checks: {len(checks)} (largest angle {worst['angle']:.3g} deg at step {worst['step']}), "
+              f"fallbacks to stored activations: {sum(r['fallback'] for r in checks)}")
     print(f"steps: {result.steps} in {result.train_time:.1f} s training + {result.eval_time:.1f} s evaluation "
           f"({result.steps_per_s:.2f} steps/s), parameters: {result.n_params}, peak RSS: {result.peak_rss_mb:.0f} MiB")
     if result.nonfinite_steps:

@@ -48,15 +48,22 @@ from .evaluate import EVAL_SEED, evaluate, finite_or_none, frozen_rng, metric_na
 from .objectives import Batch, MaximumLikelihood, Objective
 from .plots import write_figures
 
-__all__ = ["train", "TrainResult", "TrainingDiverged", "validate_config", "resolve_device",
-           "MAX_CONSECUTIVE_NONFINITE", "INIT_BATCH"]
+__all__ = ["train", "TrainResult", "TrainingDiverged", "validate_config", "resolve_device", "build_objective",
+           "build_guard", "OBJECTIVE_CHOICES", "MAX_CONSECUTIVE_NONFINITE", "INIT_BATCH"]
 
 MAX_CONSECUTIVE_NONFINITE = 20  # abort after this many non-finite steps in a row
 INIT_BATCH = 512  # examples of the data-dependent (ActNorm) initialisation forward pass
 PROGRESS_EVERY = 10  # steps between progress-bar refreshes
 SEED_OFFSETS = {"sample": 1, "noise": 2, "init": 3}  # dedicated generators: seed + offset
 # train fields that change the trajectory: a resumed run must keep them
-TRAJECTORY_FIELDS = ("batch_size", "lr", "weight_decay", "warmup", "grad_clip", "ema_decay", "seed")
+TRAJECTORY_FIELDS = ("batch_size", "lr", "weight_decay", "warmup", "grad_clip", "ema_decay", "seed", "objective",
+                     "label_smoothing", "fd_forward", "fd_inverse", "fd_eps", "fd_every", "nf_weight",
+                     "fallback", "max_angle", "max_rel_error")
+INTERMITTENT = ("fd_", "nf_")  # logs of regularizers applied every k steps (averaged over the steps they ran)
+OBJECTIVE_CHOICES = ("likelihood", "classification", "hybrid")  # train.objective
+SUPERVISED = ("classification", "hybrid")
+# options of the supervised objectives (with their "off" values): set with objective = likelihood -> error
+SUPERVISED_ONLY = {"fd_forward": 0.0, "fd_inverse": 0.0, "nf_weight": 0.0, "label_smoothing": 0.0}
 Callback = Callable[[str, dict], None]
 
 
@@ -116,10 +123,66 @@ def validate_config(cfg: RunConfig) -> None:
         (t.threads is None or t.threads >= 1, f"train.threads must be >= 1, got {t.threads}"),
         (bool(t.out_dir), "train.out_dir must not be empty"),
         (0 < d.val_size < 1, f"data.val_size must lie in (0, 1), got {d.val_size}"),
+        (t.objective in OBJECTIVE_CHOICES,
+         f"train.objective must be one of {', '.join(OBJECTIVE_CHOICES)}, got {t.objective!r}"),
+        (t.fd_forward >= 0, f"train.fd_forward must be >= 0 (0 disables), got {t.fd_forward}"),
+        (t.fd_inverse >= 0, f"train.fd_inverse must be >= 0 (0 disables), got {t.fd_inverse}"),
+        (math.isfinite(t.fd_eps) and t.fd_eps > 0, f"train.fd_eps must be > 0, got {t.fd_eps}"),
+        (t.fd_every >= 1, f"train.fd_every must be >= 1, got {t.fd_every}"),
+        (t.nf_weight >= 0, f"train.nf_weight must be >= 0 (0 disables), got {t.nf_weight}"),
+        (0 <= t.label_smoothing < 1, f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}"),
+        (t.angle_every >= 0, f"train.angle_every must be >= 0 (0: never), got {t.angle_every}"),
+        (t.max_angle > 0, f"train.max_angle must be > 0 degrees, got {t.max_angle}"),
+        (t.max_rel_error > 0, f"train.max_rel_error must be > 0, got {t.max_rel_error}"),
+        (cfg.model.lam >= 0, f"model.lam must be >= 0, got {cfg.model.lam}"),
+        (not (t.objective == "hybrid" and t.nf_weight > 0),
+         "train.nf_weight applies to the classification objective; the hybrid objective already contains "
+         "log p(x): weigh it with model.lam"),
     ]
+    if t.objective == "likelihood":
+        rules += [(getattr(t, k) == off, f"train.{k} applies to the classification and hybrid objectives only "
+                                         f"(train.objective is likelihood)") for k, off in SUPERVISED_ONLY.items()]
+    if t.objective in SUPERVISED and t.fd_forward > 0 and cfg.model.logit_alpha > 0:
+        rules.append((False, f"train.fd_forward perturbs the input by eps = {t.fd_eps}, which leaves the domain "
+                             f"[0, 1] of the logit pre-transform (model.logit_alpha = {cfg.model.logit_alpha}): "
+                             "set model.logit_alpha = 0 (--logit-alpha 0)"))
+    if (t.angle_every > 0 or t.fallback) and not cfg.model.memory_saving:
+        rules.append((False, "train.angle_every / train.fallback check memory-saving gradients: set "
+                             "model.memory_saving = true"))
     problems = [msg for ok, msg in rules if not ok]
     if problems:
         raise ConfigError("invalid options: " + "; ".join(problems))
+
+
+def build_objective(cfg: RunConfig) -> Objective:
+    """The objective ``cfg.train.objective`` names: :class:`MaximumLikelihood`, or
+    :func:`stableflows.train.supervised.make_objective` with the FD / NF / label-smoothing options
+    (the hybrid weight ``lam`` is the model's, ``model.lam``)."""
+    t = cfg.train
+    if t.objective not in OBJECTIVE_CHOICES:
+        raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVE_CHOICES)}, got {t.objective!r}")
+    if t.objective == "likelihood":
+        return MaximumLikelihood()
+    from .supervised import make_objective
+
+    try:
+        return make_objective(t.objective, fd_forward=t.fd_forward, fd_inverse=t.fd_inverse, fd_eps=t.fd_eps,
+                              fd_every=t.fd_every, nf_weight=t.nf_weight, lam=None,
+                              label_smoothing=t.label_smoothing)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def build_guard(cfg: RunConfig):
+    """A :class:`stableflows.memory.GradientGuard` when ``train.angle_every > 0`` or ``train.fallback``,
+    else None."""
+    t = cfg.train
+    if t.angle_every <= 0 and not t.fallback:
+        return None
+    from ..memory import GradientGuard
+
+    return GradientGuard(every=t.angle_every, max_angle=t.max_angle, max_rel_error=t.max_rel_error,
+                         fallback=t.fallback)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,6 +222,30 @@ def _check_resumable(saved: dict, cfg: RunConfig, path: Path) -> None:
         raise ConfigError(f"cannot resume {path}: options that change the run differ from the checkpoint "
                           f"({'; '.join(diffs)}); only steps, time_budget, eval_every, device, threads, "
                           "progress and data_dir may change")
+
+
+def _check_objective(cfg: RunConfig, model: nn.Module, splits, objective: Objective, env: DistEnv) -> None:
+    """Objective, model and data fit together (before any training)."""
+    from ..memory import has_memory_saving
+
+    kind = getattr(objective, "name", None)
+    if kind in SUPERVISED:
+        if getattr(splits, "y_train", None) is None or getattr(splits, "y_val", None) is None:
+            raise ConfigError(f"train.objective {kind} needs labels, but data set {splits.name} has none "
+                              "(use a labelled data set: digits, mnist, fashion-mnist, cifar10, svhn)")
+        if not (callable(getattr(model, "features", None)) and isinstance(getattr(model, "head", None), nn.Module)):
+            raise ConfigError(f"train.objective {kind} needs a model with a classification head "
+                              f"(model classifier or hybrid), got {type(model).__name__}")
+        n_classes = getattr(model, "n_classes", None)
+        n_labels = int(splits.y_train.max()) + 1
+        if n_classes is not None and n_labels > n_classes:
+            raise ConfigError(f"data set {splits.name} has labels up to {n_labels - 1}, but the model has "
+                              f"model.n_classes = {n_classes}")
+    if (cfg.model.memory_saving or cfg.train.angle_every > 0 or cfg.train.fallback) and not has_memory_saving(model):
+        raise ConfigError(f"model.memory_saving (and angle_every / fallback) need a model with a memory-saving "
+                          f"chain (model classifier or hybrid); {type(model).__name__} has none")
+    if env.enabled and (cfg.train.angle_every > 0 or cfg.train.fallback):
+        raise ConfigError("train.angle_every / train.fallback are not supported with several processes")
 
 
 def peak_rss_mb() -> float:
@@ -204,6 +291,8 @@ class _Trainer:
         self.nonfinite_total = self.nonfinite_run = 0
         self.last_eval_step = -1
         self.last_lr = self.lr()
+        self.guard = build_guard(cfg)
+        self.grad_checks = self.grad_fallbacks = 0
 
         self._data_dependent_init()
         self.ema = EMA(model, self.t.ema_decay) if self.t.ema_decay > 0 else None
@@ -251,6 +340,7 @@ class _Trainer:
             "sampler": {"perm": self.perm, "pos": self.pos}, "history": self.history,
             "accum": dict(self.accum), "nonfinite": [self.nonfinite_total, self.nonfinite_run],
             "last_eval_step": self.last_eval_step, "last_lr": self.last_lr,
+            "grad_checks": [self.grad_checks, self.grad_fallbacks],
         }
 
     def load_state(self, s: dict[str, Any]) -> None:
@@ -279,6 +369,7 @@ class _Trainer:
         self.nonfinite_total, self.nonfinite_run = (int(v) for v in s["nonfinite"])
         self.last_eval_step = int(s["last_eval_step"])
         self.last_lr = float(s["last_lr"])
+        self.grad_checks, self.grad_fallbacks = (int(v) for v in s.get("grad_checks", (0, 0)))
 
     def start_distributed(self) -> None:
         """Wrap the model in DDP (after initialisation and loading; a no-op on one process)."""
@@ -312,10 +403,19 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if callable(getattr(self.objective, "set_step", None)):
             self.objective.set_step(self.step)  # 0-based index of this step
-        loss, logs = self.objective.loss(self.ddp, batch)
-        if self.env.any(not bool(torch.isfinite(loss.detach()))):  # decided together: all ranks skip
-            return self._nonfinite("loss", float(loss.detach()))
-        loss.backward()  # under DDP: gradients averaged over ranks
+        if self.guard is not None:  # backward inside; every angle_every-th step compared with stored activations
+            every = self.guard.every
+            loss, logs = self.guard.backward(self.model, self.objective, batch, self.step,
+                                             check=every > 0 and (self.step + 1) % every == 0)
+            self._grad_check(logs)
+            if not bool(torch.isfinite(loss)):
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._nonfinite("loss", float(loss))
+        else:
+            loss, logs = self.objective.loss(self.ddp, batch)
+            if self.env.any(not bool(torch.isfinite(loss.detach()))):  # decided together: all ranks skip
+                return self._nonfinite("loss", float(loss.detach()))
+            loss.backward()  # under DDP: gradients averaged over ranks
         max_norm = self.t.grad_clip if self.t.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         if not math.isfinite(grad_norm):
@@ -331,8 +431,26 @@ class _Trainer:
         self.nonfinite_run = 0
         for k, v in {"loss": float(loss.detach()), **logs, "grad_norm": grad_norm}.items():
             self.accum[k] = self.accum.get(k, 0.0) + float(v)
+            if k.startswith(INTERMITTENT):  # logged on some steps only: averaged over those
+                self.accum[f"#{k}"] = self.accum.get(f"#{k}", 0.0) + 1
         self.accum["n"] = self.accum.get("n", 0.0) + 1
         self.accum["grad_norm_max"] = max(self.accum.get("grad_norm_max", 0.0), grad_norm)
+
+    def _grad_check(self, logs: dict) -> None:
+        """Move the guard's per-step flags out of the running means; a comparison with stored
+        activations (and any fallback) becomes a ``grad_check`` record of metrics.jsonl."""
+        angle, rel = logs.pop("grad_angle", None), logs.pop("grad_rel_error", None)
+        fell_back = bool(logs.pop("grad_fallback", 0.0))
+        nonfinite = bool(logs.pop("grad_nonfinite", 0.0))
+        if angle is None:
+            return
+        self.grad_checks += 1
+        self.grad_fallbacks += int(fell_back)
+        record = {"kind": "grad_check", "step": self.step + 1, "angle": float(angle), "rel_error": float(rel),
+                  "nonfinite": nonfinite, "fallback": fell_back}
+        self.history.append(record)
+        if self.env.is_main:
+            self._append_jsonl(record)
 
     def _nonfinite(self, what: str, value: float) -> None:
         self.nonfinite_total += 1
@@ -372,11 +490,15 @@ class _Trainer:
         n = self.accum.pop("n", 0.0)
         gmax = self.accum.pop("grad_norm_max", None)
         record: dict[str, Any] = {"kind": "eval", "step": self.step}
+        counts = {k[1:]: self.accum.pop(k) for k in [k for k in self.accum if k.startswith("#")]}
         for k, v in self.accum.items():
-            record[k if k in ("loss", "grad_norm") else f"train_{k}"] = v / n if n else None
+            m = counts.get(k, n)
+            record[k if k in ("loss", "grad_norm") else f"train_{k}"] = v / m if m else None
         record.update({f"val_{k}": v for k, v in vals.items()})
         record.update({"grad_norm_max": gmax, "lr": self.last_lr,
                        "nonfinite_steps": self.nonfinite_total, "time": self.train_time,
+                       **({"grad_checks": self.grad_checks, "grad_fallbacks": self.grad_fallbacks}
+                          if self.guard is not None else {}),
                        "steps_per_s": session_rate})
         self.accum = {}
         if math.isfinite(val) and val < self.best_val:
@@ -460,7 +582,9 @@ def _train(cfg: RunConfig, env: DistEnv, resume: bool, model: nn.Module | None, 
     if tuple(getattr(model, "shape", splits.shape)) != tuple(splits.shape):
         raise ShapeError(f"model event shape {tuple(model.shape)} does not match data shape {tuple(splits.shape)}")
     model.to(device)
-    tr = _Trainer(cfg, model, splits, objective or MaximumLikelihood(), callbacks, device, env)
+    objective = objective if objective is not None else build_objective(cfg)
+    _check_objective(cfg, model, splits, objective, env)
+    tr = _Trainer(cfg, model, splits, objective, callbacks, device, env)
     if env.rank > 0:  # independent noise of stochastic estimators on each rank (rank 0 keeps the seed)
         torch.manual_seed(rank_seed(cfg.train.seed, env.rank))
     out.mkdir(parents=True, exist_ok=True)
