@@ -53,12 +53,12 @@ def hybrid_table(out_dir: Path, *, quick: bool = False, seed: int = 0, data: str
         for lam_name in lams:
             lam = _lam(lam_name, dim)
             mcfg = ModelConfig(model="hybrid", levels=st["levels"], steps_per_level=st["steps_per_level"],
-                               hidden=st["hidden"])
+                               hidden=st["hidden"], block=block, lam=lam, n_classes=n_classes, head="linear")
             run_dir = out_dir / f"{block}_lam{lam_name.replace('/', 'over')}"
             tcfg = TrainConfig(steps=st["steps"], time_budget=st["time_budget"], batch_size=st["batch_size"],
                                lr=st["lr"], weight_decay=st["weight_decay"], warmup=st["warmup"],
                                ema_decay=st["ema_decay"], eval_every=st["eval_every"], seed=seed,
-                               out_dir=str(run_dir), progress=False)
+                               out_dir=str(run_dir), progress=False, objective="hybrid")
             cfg = RunConfig(model=mcfg, data=DataConfig(name=data, data_dir=data_dir), train=tcfg)
             torch.manual_seed(seed)
             model = hybrid(shape=splits.shape, n_classes=n_classes, block=block, lam=lam, levels=st["levels"],
