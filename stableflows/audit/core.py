@@ -286,7 +286,8 @@ def _attack(m: Invertible, test: Tensor, x_int: Tensor | None, levels: int | Non
         base = None
         if kw["baseline"]:
             t0 = time.perf_counter()
-            base = random_search(m, x0, points=kw["steps"], seed=kw["seed"], **common)
+            # the same budget: PGD evaluates its start and one point per step
+            base = random_search(m, x0, points=pgd.evaluations or int(kw["steps"]) + 1, seed=kw["seed"], **common)
             timings["attack_baseline"] += time.perf_counter() - t0
         name = f"pgd:{c}"
         if pgd.status == "outside_domain":
