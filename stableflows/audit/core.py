@@ -248,6 +248,33 @@ def _batched_localization(fams: list[FamilyInput], results: list[FamilyResult], 
         r.verdict.culprit, r.verdict.culprit_reason = loc.culprit, loc.reason
 
 
+def _forward_culprit(r: FamilyResult, m: Invertible, opts: dict) -> None:
+    """Name the layer where the *forward* first turns non-finite, for a data family whose examples
+    never reach the inverse (the per-layer localisation only walks examples with a finite ``z``)."""
+    if r.kind != "data" or r.verdict.culprit is not None or m.traceable is None:
+        return
+    x = getattr(r, "_x", None)
+    bad = (~r.recon.finite_forward & ~r.recon.outside_domain & ~r.recon.raised).nonzero().flatten()
+    if x is None or not bad.numel():
+        return
+    from ..transforms.base import trace
+    from .localize import leaf_transforms
+
+    names = {n for n, _ in leaf_transforms(m.traceable)}
+    xb = x[bad[: opts["localize_points"]]]
+    with torch.no_grad(), trace(m.traceable) as t:
+        try:
+            m.forward(xb)
+        except Exception:  # noqa: BLE001 - the records up to the failing layer are what we need
+            pass
+    for rec in t.records:
+        if rec.name in names and not bool(rec.out_finite.all()):
+            r.verdict.culprit = rec.name
+            r.verdict.culprit_reason = (f"first non-finite output on the forward path "
+                                        f"({int((~rec.out_finite).sum())} of {xb.shape[0]} traced examples)")
+            return
+
+
 def _culprit_from_messages(r: FamilyResult) -> None:
     """Name the layer that raised most often when the localisation found nothing (e.g. the forward
     refusing the model's own samples)."""
@@ -404,6 +431,8 @@ def audit(model, data: Tensor | Any = None, *, inverse: Callable | None = None, 
             _batched_localization(fams, list(results.values()), m, opts)
             timings["localization"] += time.perf_counter() - t0
         for r in results.values():
+            if localize:
+                _forward_culprit(r, m, opts)
             _culprit_from_messages(r)
             for attr in ("_x", "_valid", "_spectra_idx"):
                 r.__dict__.pop(attr, None)
