@@ -37,14 +37,15 @@ from ..transforms.residual import ResidualBlock
 __all__ = ["EXPERIMENTS", "ablation", "bias", "checkerboard", "exact_logdet", "ABLATION_MODELS"]
 
 # the vector model of the ablation / bias runs (digits as 64-d vectors)
-VECTOR_MODEL = dict(levels=1, steps_per_level=8, hidden=256, n_power_iter=1, logit_alpha=0.05)
+# the model of configs/resflow_digits.toml
+VECTOR_MODEL = dict(levels=1, steps_per_level=8, hidden=128, n_power_iter=1, logit_alpha=0.05)
 ABLATION_MODELS = {
     "i-ResNet + ELU": dict(model="iresnet", activation="elu", coeff=0.9, estimator="series", n_series_terms=5),
     "Residual Flow + ELU": dict(model="resflow", activation="elu", coeff=0.98, estimator="roulette"),
     "Residual Flow + LipSwish": dict(model="resflow", activation="lipswish", coeff=0.98, estimator="roulette"),
 }
-ABLATION_TRAIN = dict(batch_size=64, lr=1e-3, warmup=100, ema_decay=0.998, steps=100000, time_budget=120.0,
-                      eval_every=250)
+ABLATION_TRAIN = dict(batch_size=64, lr=2e-3, warmup=100, ema_decay=0.995, steps=100000, time_budget=120.0,
+                      eval_every=100)
 QUICK_MODEL = dict(levels=1, steps_per_level=2, hidden=16, n_power_iter=1)
 QUICK_TRAIN = dict(steps=6, time_budget=None, eval_every=3, warmup=2)
 
@@ -140,8 +141,8 @@ def bias(out_dir: Path, *, quick: bool = False, seed: int = 0, n_series_terms: i
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arch = QUICK_MODEL if quick else VECTOR_MODEL
-    tkw = dict(QUICK_TRAIN, ema_decay=0.0) if quick else dict(steps=steps, time_budget=None, eval_every=100,
-                                                                ema_decay=0.0)
+    tkw = dict(QUICK_TRAIN, ema_decay=0.0) if quick else dict(steps=steps, time_budget=None,
+                                                                eval_every=max(1, min(100, steps // 6)), ema_decay=0.0)
     n_eval = min(n_eval, 64) if quick else n_eval
     dcfg = DataConfig(name="digits", flatten=True)
     splits = load_dataset(dcfg, seed=seed)
@@ -210,7 +211,8 @@ CHECKER_TRAIN = dict(steps=3000, time_budget=None, batch_size=256, lr=1e-3, warm
 GRID = 200  # density plot resolution
 
 
-def checkerboard(out_dir: Path, *, quick: bool = False, seed: int = 0) -> dict:
+def checkerboard(out_dir: Path, *, quick: bool = False, seed: int = 0, steps: int | None = None,
+                 blocks: int | None = None) -> dict:
     """Spectral vs infinity norm on the 2-D checkerboard with the exact log-det."""
     from ..data import load_dataset
     from ..train.evaluate import load_flow
@@ -218,7 +220,11 @@ def checkerboard(out_dir: Path, *, quick: bool = False, seed: int = 0) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arch = dict(CHECKER_MODEL, steps_per_level=2, hidden=16) if quick else CHECKER_MODEL
-    tkw = dict(CHECKER_TRAIN, steps=10, eval_every=5, warmup=2) if quick else CHECKER_TRAIN
+    tkw = dict(CHECKER_TRAIN, steps=10, eval_every=5, warmup=2) if quick else dict(CHECKER_TRAIN)
+    if steps is not None:
+        tkw.update(steps=steps, eval_every=max(1, min(tkw["eval_every"], steps // 4)))
+    if blocks is not None:
+        arch = dict(arch, steps_per_level=blocks)
     n_toy = 2000 if quick else 20000
     splits = load_dataset(DataConfig(name="checkerboard", n_toy=n_toy), seed=seed)
     rows, dens = [], {}
