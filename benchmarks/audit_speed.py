@@ -21,12 +21,15 @@ TARGET_SECONDS = 120.0
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 
 
-def _train_demo(steps: int, out_dir: Path) -> Path:
+def _train_demo(steps: int, out_dir: Path, hidden: int | None, threads: int) -> Path:
     from stableflows.config import load_config
     from stableflows.train import train
 
     cfg = load_config(DEMO_CONFIG)
-    cfg = cfg.replace("train", steps=steps, time_budget=None, eval_every=steps, out_dir=str(out_dir), progress=False)
+    if hidden is not None:
+        cfg = cfg.replace("model", hidden=hidden)
+    cfg = cfg.replace("train", steps=steps, time_budget=None, eval_every=steps, out_dir=str(out_dir), progress=False,
+                      threads=threads)
     train(cfg)
     return out_dir
 
@@ -35,6 +38,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=None, help="run directory or checkpoint (default: train the demo model)")
     p.add_argument("--train-steps", type=int, default=300, help="training steps of the demo model (default: 300)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="hidden width of the demo Glow trained here (default: configs/demo.toml, 128)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the timings here")
     p.add_argument("--html", default=None, help="also write the HTML report here (not timed)")
@@ -53,15 +58,21 @@ def main(argv=None) -> int:
     if run is None:
         tmp = tempfile.TemporaryDirectory()
         t0 = time.perf_counter()
-        run = _train_demo(args.train_steps, Path(tmp.name) / "demo")
-        print(f"trained the demo Glow for {args.train_steps} steps in {time.perf_counter() - t0:.1f}s (not counted)")
+        run = _train_demo(args.train_steps, Path(tmp.name) / "demo", args.hidden, args.threads)
+        print(f"trained the demo Glow for {args.train_steps} steps in {time.perf_counter() - t0:.1f}s (not counted)",
+              flush=True)
     flow, ckpt = load_flow(run)
     cfg = RunConfig.from_dict(ckpt["config"])
     splits = load_dataset(cfg.data, seed=cfg.train.seed)
     n_params = sum(p.numel() for p in flow.parameters())
     print(f"model {cfg.model.model} hidden={cfg.model.hidden} levels={cfg.model.levels} "
           f"steps_per_level={cfg.model.steps_per_level} ({n_params} parameters); {len(splits.test)} test examples; "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads", flush=True)
+    try:
+        print(f"load average before the audit: {' '.join(f'{v:.2f}' for v in __import__('os').getloadavg())}",
+              flush=True)
+    except OSError:
+        pass
 
     t0 = time.perf_counter()
     report = audit(flow, splits.test, levels=splits.levels, train=splits.train, families="all", attack="pgd",
@@ -72,6 +83,10 @@ def main(argv=None) -> int:
     for k, v in report.timings.items():
         print(f"{k:<20} {v:8.2f}")
     ok = wall < TARGET_SECONDS
+    try:
+        print(f"load average after the audit: {' '.join(f'{v:.2f}' for v in __import__('os').getloadavg())}")
+    except OSError:
+        pass
     print(f"\nfull audit: {wall:.1f}s ({'within' if ok else 'OVER'} the {TARGET_SECONDS:.0f}s target)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
