@@ -8,6 +8,16 @@ weights are evaluated on the validation split with fixed noise (seed 0); the bes
 metric are written to ``best.pt``, the whole state to ``last.pt``. The test split is evaluated
 once, with the selected weights, at the end (never used for selection).
 
+Objective: ``train.objective`` = ``likelihood`` (bits/dim), or ``classification`` / ``hybrid``
+(:func:`stableflows.train.supervised.make_objective` with the FD / NF / label-smoothing options; the
+model must be a ``classifier`` / ``hybrid`` and the data labelled; weights selected on the validation
+error). With ``model.memory_saving`` and ``train.angle_every = k > 0`` (or ``train.fallback``) the
+backward pass runs through :class:`stableflows.memory.GradientGuard`: every k-th step the
+memory-saving gradient is compared with the stored-activation gradient of the same batch and a
+``{"kind": "grad_check", "step", "angle", "rel_error", "nonfinite", "fallback"}`` record is written
+to metrics.jsonl; with ``fallback`` a step whose memory-saving gradient is non-finite or off by more
+than ``max_angle`` degrees / ``max_rel_error`` uses the stored-activation gradient (also recorded).
+
 Reproducibility: model initialisation uses ``torch.manual_seed(seed)``; batch order and noise come
 from two dedicated generators; the global RNG state, both generator states and the current epoch
 permutation are stored in ``last.pt``, and evaluation never touches the training random streams,
@@ -143,9 +153,10 @@ def validate_config(cfg: RunConfig) -> None:
         rules += [(getattr(t, k) == off, f"train.{k} applies to the classification and hybrid objectives only "
                                          f"(train.objective is likelihood)") for k, off in SUPERVISED_ONLY.items()]
     if t.objective in SUPERVISED and t.fd_forward > 0 and cfg.model.logit_alpha > 0:
-        rules.append((False, f"train.fd_forward perturbs the input by eps = {t.fd_eps}, which leaves the domain "
-                             f"[0, 1] of the logit pre-transform (model.logit_alpha = {cfg.model.logit_alpha}): "
-                             "set model.logit_alpha = 0 (--logit-alpha 0)"))
+        rules.append((False, f"train.fd_forward perturbs the input by eps = {t.fd_eps} in a random direction, "
+                             f"which can leave the domain of the logit pre-transform (model.logit_alpha = "
+                             f"{cfg.model.logit_alpha}, inputs near [0, 1]): set model.logit_alpha = 0 "
+                             "(--logit-alpha 0)"))
     if (t.angle_every > 0 or t.fallback) and not cfg.model.memory_saving:
         rules.append((False, "train.angle_every / train.fallback check memory-saving gradients: set "
                              "model.memory_saving = true"))
