@@ -44,7 +44,7 @@ ABLATION_MODELS = {
     "Residual Flow + ELU": dict(model="resflow", activation="elu", coeff=0.98, estimator="roulette"),
     "Residual Flow + LipSwish": dict(model="resflow", activation="lipswish", coeff=0.98, estimator="roulette"),
 }
-ABLATION_TRAIN = dict(batch_size=64, lr=2e-3, warmup=100, ema_decay=0.995, steps=100000, time_budget=120.0,
+ABLATION_TRAIN = dict(batch_size=64, lr=3e-3, warmup=50, ema_decay=0.99, steps=100000, time_budget=120.0,
                       eval_every=100)
 QUICK_MODEL = dict(levels=1, steps_per_level=2, hidden=16, n_power_iter=1)
 QUICK_TRAIN = dict(steps=6, time_budget=None, eval_every=3, warmup=2)
