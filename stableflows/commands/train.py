@@ -58,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
         print("test " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
     checks = [r for r in result.history if r.get("kind") == "grad_check"]
     if checks:
-        worst = max(checks, key=lambda r: r["angle"] if r["angle"] == r["angle"] else float("inf"))
-        print(f"gradient checks: {len(checks)} (largest angle {worst['angle']:.3g} deg at step {worst['step']}), "
-              f"fallbacks to stored activations: {sum(r['fallback'] for r in checks)}")
+        finite = [r for r in checks if not r["nonfinite"] and r["angle"] == r["angle"]]
+        worst = (f"largest angle {max(r['angle'] for r in finite):.3g} deg" if finite else "no finite angle")
+        print(f"gradient checks: {len(checks)} ({worst}; non-finite memory-saving gradients: "
+              f"{len(checks) - len(finite)}), fallbacks to stored activations: {sum(r['fallback'] for r in checks)}")
     print(f"steps: {result.steps} in {result.train_time:.1f} s training + {result.eval_time:.1f} s evaluation "
           f"({result.steps_per_s:.2f} steps/s), parameters: {result.n_params}, peak RSS: {result.peak_rss_mb:.0f} MiB")
     if result.nonfinite_steps:
