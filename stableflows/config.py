@@ -65,6 +65,7 @@ class ModelConfig:
     memory_saving: bool = False  # recompute activations by inversion in the backward pass
     n_samples: int = 1  # Hutchinson probes per block (roulette / series)
     dist: str = "geometric"  # geometric | poisson: number of terms of the Russian roulette
+    p: float = 0.0  # roulette: geometric success probability / Poisson mean (0: the estimator default)
     probe: str = "gaussian"  # gaussian | rademacher Hutchinson probes
     eval_exact_terms: int = 20  # exact terms of the roulette estimator in evaluation mode (paper: 20)
     mlp_layers: int = 3  # normalised linear layers per residual branch of vector models

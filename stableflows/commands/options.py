@@ -67,6 +67,7 @@ HELP: dict[str, str] = {
                            "recompute the activations by inversion in the backward pass (memory flat in depth)",
     "model.n_samples": "residual flows: Hutchinson probe vectors per block and example for the stochastic log-det",
     "model.dist": "residual flows: distribution of the Russian-roulette number of terms: geometric | poisson",
+    "model.p": "residual flows: parameter of the Russian-roulette distribution (geometric: probability, poisson: mean); 0 = default",
     "model.probe": "residual flows: Hutchinson probe distribution: gaussian | rademacher",
     "model.eval_exact_terms": "residual flows: exact power-series terms of the roulette estimator in evaluation mode (paper: 20)",
     "model.mlp_layers": "residual flows: normalised linear layers per residual branch of vector models",

@@ -147,7 +147,7 @@ def _build(*, shape, levels, steps_per_level, hidden, logit_alpha, actnorm, coef
     lip_kw = dict(coeff=coeff, activation=activation, norm=norm, n_power_iter=n_power_iter, atol=power_atol,
                   rtol=power_rtol, max_power_iter=max(max_power_iter, n_power_iter))
     block_kw = dict(estimator=estimator, n_exact_terms=n_exact_terms, eval_exact_terms=eval_exact_terms,
-                    n_samples=n_samples, dist=dist, p=p, n_series_terms=n_series_terms, neumann_grad=neumann_grad,
+                    n_samples=n_samples, dist=dist, p=p or None, n_series_terms=n_series_terms, neumann_grad=neumann_grad,
                     grad_in_forward=grad_in_forward, probe=probe, inverse_atol=inverse_atol,
                     inverse_rtol=inverse_rtol, max_iter=inverse_max_iter, strict=strict)
     toy = len(shape) == 1 and shape[0] == TOY_DIM
