@@ -8,6 +8,7 @@ parameter count the other contenders are matched to.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 from torch import Tensor, nn
@@ -30,7 +31,12 @@ def stableflows_config(model: str, hidden: int, preprocess: str) -> ModelConfig:
     cfg = ModelConfig(model=model, hidden=hidden, levels=2, steps_per_level=4, logit_alpha=alpha)
     if model == "realnvp":
         cfg = dataclasses.replace(cfg, scale="exp", mask="checkerboard")
+    if model == "resflow":  # the vector model of configs/resflow_digits.toml: 8 FC blocks on 64-d inputs
+        cfg = dataclasses.replace(cfg, levels=1, steps_per_level=8, n_power_iter=1)
     return cfg
+
+
+FLATTEN = {"resflow"}  # contenders trained on flattened images (as configs/resflow_digits.toml)
 
 
 def _stableflows(model: str, family: str, description: str) -> Callable[..., Contender]:
@@ -38,16 +44,22 @@ def _stableflows(model: str, family: str, description: str) -> Callable[..., Con
         from ..models.registry import build_model
 
         h = DEFAULT_HIDDEN if hidden is None else hidden
-        flow = build_model(stableflows_config(model, h, preprocess), EVENT_SHAPE)
+        flat = model in FLATTEN
+        shape = (math.prod(EVENT_SHAPE),) if flat else EVENT_SHAPE
+        flow = build_model(stableflows_config(model, h, preprocess), shape)
+
+        def _in(v: Tensor) -> Tensor:
+            return v.flatten(1) if flat else v
 
         def log_prob(m: nn.Module, v: Tensor) -> Tensor:
-            return m.log_prob(v)
+            return m.log_prob(_in(v))
 
         def forward(m: nn.Module, v: Tensor) -> Tensor:
-            return m(v)[0]
+            return m(_in(v))[0]
 
         def inverse(m: nn.Module, z: Tensor) -> Tensor:
-            return m.inverse(z)[0]
+            x = m.inverse(z)[0]
+            return x.view(-1, *EVENT_SHAPE) if flat else x
 
         return Contender(name=f"stableflows-{model}", library="stableflows", family=family, module=flow,
                          log_prob=log_prob, forward=forward, inverse=inverse, hidden=h, description=description)
@@ -67,8 +79,8 @@ CONTENDERS: dict[str, Callable[..., Contender]] = {
                                      "coupling sigma(s+2)], learned split prior, logit"),
     "stableflows-realnvp": _stableflows("realnvp", "realnvp-like", "2 levels x 4 affine couplings (exp scale, "
                                         "checkerboard), ActNorm, logit"),
-    "stableflows-resflow": _stableflows("resflow", "residual", "2 levels x 4 residual blocks (LipSwish, "
-                                        "spectral norm c=0.98, Russian roulette), logit"),
+    "stableflows-resflow": _stableflows("resflow", "residual", "8 fully connected residual blocks on flattened "
+                                        "digits (LipSwish, spectral norm c=0.98, Russian roulette), logit"),
 }
 _OPTIONAL = {"stableflows-resflow": "resflow"}  # contender -> stableflows model it needs
 
