@@ -130,3 +130,12 @@ def test_parameter_count_of_digits_glow_in_target_range():
     flow = build_model(cfg.model, (1, 8, 8))
     n = sum(p.numel() for p in flow.parameters())
     assert 200_000 <= n <= 300_000, n
+
+
+def test_every_factory_is_importable_from_stableflows_models():
+    """The README's import line: each name is the registered factory of its model."""
+    from stableflows import models
+    from stableflows.models import MODELS, classifier, cv_glow, glow, hybrid, iresnet, nice, realnvp, resflow
+
+    for fn in (glow, realnvp, nice, cv_glow, resflow, iresnet, classifier, hybrid):
+        assert MODELS[fn.__name__] is fn and fn.__name__ in models.__all__
