@@ -1,5 +1,5 @@
 """Shared pytest setup: the tests directory on ``sys.path`` (for ``registry``), a deterministic
-seed before every test, and hypothesis profiles ("default": quick; ``--hypothesis-profile=thorough``)."""
+seed before every test, the ``float64`` fixture and ``perturb`` helper of the mathematical tests, and hypothesis profiles ("default": quick; ``--hypothesis-profile=thorough``)."""
 import os
 import sys
 
@@ -19,3 +19,21 @@ def _seed():
     """Every test starts from the same torch RNG state, so failures reproduce."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def float64():
+    """Tests that check mathematics run in float64; the default dtype is restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def perturb(module, std, seed=0):
+    """Add ``std * N(0, 1)`` noise (fixed seed) to every parameter, in place; returns ``module``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return module

@@ -18,21 +18,9 @@ from stableflows.transforms import (
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """These tests check mathematics: float64, restored afterwards for other test files."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+from conftest import perturb
 
-
-def _perturb(module, std=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return module
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 # ----------------------------------------------------------------------------- ActNorm
@@ -215,7 +203,7 @@ def _columns(layer, c):
 
 def test_lu_matrix_is_plu_product_and_logdet_is_slogdet():
     c = 5
-    layer = _perturb(Invertible1x1((c,), lu=True), std=0.5)
+    layer = perturb(Invertible1x1((c,), lu=True), std=0.5)
     p = layer.perm.numpy()
     lower = np.tril(layer.lower.detach().numpy(), -1) + np.eye(c)
     upper = np.triu(layer.upper.detach().numpy(), 1) + np.diag(layer.sign_s.numpy() * np.exp(layer.log_s.detach().numpy()))
@@ -235,7 +223,7 @@ def test_lu_matrix_is_plu_product_and_logdet_is_slogdet():
 
 @pytest.mark.parametrize("lu", [True, False])
 def test_1x1_on_images_is_a_1x1_convolution(lu):
-    layer = _perturb(Invertible1x1((4, 3, 2), lu=lu), std=0.3)
+    layer = perturb(Invertible1x1((4, 3, 2), lu=lu), std=0.3)
     x = torch.randn(2, 4, 3, 2)
     z, ld = layer(x)
     w = layer.weight_matrix().detach()
@@ -273,7 +261,7 @@ def _kept_mask(shape, mask, parity):
 @pytest.mark.parametrize("mask", ["channel", "checkerboard"])
 @pytest.mark.parametrize("parity", [0, 1])
 def test_coupling_keeps_its_half_and_is_elementwise_in_the_other(cls, shape, mask, parity):
-    layer = _perturb(cls(shape, mask=mask, parity=parity, hidden=8), std=0.3)
+    layer = perturb(cls(shape, mask=mask, parity=parity, hidden=8), std=0.3)
     kept = torch.from_numpy(_kept_mask(shape, mask, parity).copy())
     x = torch.randn(4, *shape)
     y, _ = layer(x)
@@ -289,7 +277,7 @@ def test_coupling_keeps_its_half_and_is_elementwise_in_the_other(cls, shape, mas
 
 
 def test_affine_stats_match_measured_scales_and_shifts():
-    layer = _perturb(AffineCoupling((6,), hidden=8, scale="exp"), std=0.5)
+    layer = perturb(AffineCoupling((6,), hidden=8, scale="exp"), std=0.5)
     x = torch.randn(5, 6)
     y, _ = layer(x)
     stats = dict(layer.stats)
@@ -352,7 +340,7 @@ def test_float32_glow_like_stack_reconstructs_within_design_tolerance():
     flow.train()
     flow(x)
     flow.eval()
-    _perturb(flow, std=0.1)
+    perturb(flow, std=0.1)
     z, ld = flow(x)
     x_rec, ld_inv = flow.inverse(z)
     assert z.dtype == torch.float32 and torch.isfinite(z).all()

@@ -11,19 +11,9 @@ from stableflows.transforms.base import NonFiniteInputError, ShapeError
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+from conftest import perturb
 
-
-def _perturb(model, scale=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _init(model, shape, n=32):
@@ -36,7 +26,7 @@ def _init(model, shape, n=32):
 def test_cv_glow_logdet_is_constant_over_inputs():
     flow = cv_glow(shape=(1, 8, 8), levels=2, steps_per_level=2, hidden=8)
     _init(flow, (1, 8, 8))
-    _perturb(flow, 0.2)
+    perturb(flow, 0.2)
     x = torch.rand(16, 1, 8, 8) * 3 - 1  # far from the data too
     _, ld = flow(x)
     assert torch.allclose(ld, ld[0].expand_as(ld), atol=1e-10)
@@ -46,7 +36,7 @@ def test_cv_glow_logdet_is_constant_over_inputs():
 def test_glow_logdet_depends_on_input():
     flow = glow(shape=(1, 8, 8), levels=2, steps_per_level=2, hidden=8)
     _init(flow, (1, 8, 8))
-    _perturb(flow, 0.2)
+    perturb(flow, 0.2)
     _, ld = flow(torch.rand(8, 1, 8, 8) * 0.9 + 0.05)
     assert ld.std() > 1e-4
 
@@ -54,7 +44,7 @@ def test_glow_logdet_depends_on_input():
 def test_bits_per_dim_matches_definition():
     flow = glow(shape=(1, 8, 8), levels=2, steps_per_level=1, hidden=8)
     _init(flow, (1, 8, 8))
-    _perturb(flow, 0.1)
+    perturb(flow, 0.1)
     x = torch.randint(0, 17, (5, 1, 8, 8)).double()
     u = torch.rand(5, 1, 8, 8)
     v = (x + u) / 17
@@ -81,7 +71,7 @@ def test_sample_shapes_and_temperature_zero():
                         (realnvp(shape=(6,), levels=1, hidden=8), (6,)),
                         (nice(shape=(6,), hidden=8), (6,))]:
         _init(flow, shape)
-        _perturb(flow, 0.1)
+        perturb(flow, 0.1)
         s = flow.sample(7, temperature=0.7)
         assert s.shape == (7, *shape) and torch.isfinite(s).all()
         s0 = flow.sample(3, temperature=0.0)
