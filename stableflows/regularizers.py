@@ -133,17 +133,42 @@ class FiniteDifferenceRegularizer:
             return zero, {}
         total, logs = zero, {}
         if self.weight_forward > 0:
-            r = forward_fd_penalty(transform, x, eps=self.eps, z=z, generator=generator).mean()
+            d = unit_directions(x, generator)
+            r, bad = _finite_rows_mean(lambda rows: forward_fd_penalty(
+                transform, x[rows], eps=self.eps, d=d[rows], z=None if z is None else z[rows]), x.shape[0])
             total = total + self.weight_forward * r
             logs["fd_forward"] = float(r.detach())
+            logs["fd_forward_nonfinite"] = bad
         if self.weight_inverse > 0:
             if z is None:
                 with torch.no_grad():
                     z = _out(transform(x))
-            r = inverse_fd_penalty(transform, z, eps=self.eps, generator=generator).mean()
+            d = unit_directions(z, generator)
+            r, bad = _finite_rows_mean(lambda rows: inverse_fd_penalty(
+                transform, z[rows], eps=self.eps, d=d[rows]), z.shape[0])
             total = total + self.weight_inverse * r
             logs["fd_inverse"] = float(r.detach())
+            logs["fd_inverse_nonfinite"] = bad
         return total, logs
+
+
+def _finite_rows_mean(penalty: Callable[[Tensor], Tensor], n: int) -> tuple[Tensor, int]:
+    """Batch mean of a per-example penalty over the rows where it is finite, and how many were not.
+
+    Where the map explodes at the moved point (the exploding inverse the penalty is meant to
+    prevent), that row's penalty is inf/NaN and its gradient NaN, even through a mask (0 * inf).
+    The penalty is then recomputed on the finite rows only, so the regulariser keeps acting on the
+    rest of the batch instead of turning the whole step's loss into NaN. No finite row: 0.
+    """
+    rows = torch.arange(n)
+    r = penalty(rows)
+    finite = torch.isfinite(r.detach())
+    bad = int((~finite).sum())
+    if bad == 0:
+        return r.mean(), 0
+    if bad == n:
+        return r.new_zeros(()), bad
+    return penalty(rows[finite.cpu()]).mean(), bad
 
 
 def nll_per_dim(z: Tensor, logdet: Tensor, levels: int | None) -> Tensor:

@@ -113,7 +113,7 @@ def test_fd_gradients_same_with_and_without_memory_saving(coupling):
     for name, t in (("stored", flow), ("saving", ms)):
         z = t(x)[0]
         pen, logs = reg(t, x, z=z, step=0, generator=torch.Generator().manual_seed(6))
-        assert set(logs) == {"fd_forward", "fd_inverse"}
+        assert set(logs) == {"fd_forward", "fd_inverse", "fd_forward_nonfinite", "fd_inverse_nonfinite"}
         grads[name] = torch.autograd.grad(pen, params, allow_unused=True)
     # every parameter the Jacobian depends on gets a gradient; biases may not (J of a ReLU net
     # does not depend on its biases almost everywhere, nor on ActNorm's shift)
@@ -138,6 +138,54 @@ def test_fd_penalty_independent_reference_gradient():
         pen = fd_penalty(t, x, eps=0.5, d=d).sum()
         (g,) = torch.autograd.grad(pen, [lin.w])
         torch.testing.assert_close(g, 2 * (d @ w.T).T @ d, rtol=1e-8, atol=1e-12)
+
+
+class ExplodingInverse(Transform):
+    """``z = x`` forward; inverse ``x = z exp(w z_0^2)``: overflows to inf where ``|z_0|`` is large
+    (a planted exploding inverse, with a parameter inside the overflow so its gradient is NaN there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def _forward(self, x):
+        return x.clone(), x.new_zeros(x.shape[0])
+
+    def _inverse(self, z):
+        return z * torch.exp(self.w * z[:, :1] ** 2), z.new_zeros(z.shape[0])
+
+
+def test_inverse_fd_keeps_acting_on_finite_rows_where_some_explode():
+    """Rows whose moved inverse overflows are left out (and counted) instead of making the whole
+    penalty and its gradient NaN; the rest equals the closed form on those rows alone."""
+    t = ExplodingInverse()
+    g = torch.Generator().manual_seed(3)
+    z = 0.1 * torch.randn(6, 3, generator=g, dtype=torch.float64)
+    z[1, 0] = z[4, 0] = 40.0  # exp(1600) = inf in float64
+    d = unit_directions(z, torch.Generator().manual_seed(9))
+    naive = inverse_fd_penalty(t, z, eps=0.1, d=d)
+    assert int((~torch.isfinite(naive)).sum()) == 2  # the planted failure is real
+    reg = FiniteDifferenceRegularizer(weight_forward=0.0, weight_inverse=1.0, eps=0.1, every=1)
+    pen, logs = reg(t, z, z=z, step=0, generator=torch.Generator().manual_seed(9))
+    assert logs["fd_inverse_nonfinite"] == 2
+    (grad,) = torch.autograd.grad(pen, [t.w])
+    assert math.isfinite(float(pen.detach())) and math.isfinite(float(grad))
+    keep = [0, 2, 3, 5]
+
+    def closed_form(w):  # ||F^-1(z + eps d) - F^-1(z)||^2 / eps^2 on the kept rows, written out
+        zk, dk = z[keep], d[keep]
+        m = zk + 0.1 * dk
+        diff = m * torch.exp(w * m[:, :1] ** 2) - zk * torch.exp(w * zk[:, :1] ** 2)
+        return (diff ** 2).sum(1).mean() / 0.01
+
+    w = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    ref = closed_form(w)
+    (ref_grad,) = torch.autograd.grad(ref, [w])
+    assert math.isclose(float(pen.detach()), float(ref.detach()), rel_tol=1e-12)
+    assert math.isclose(float(grad), float(ref_grad), rel_tol=1e-10)
+    z[:, 0] = 40.0  # every row explodes: no penalty, all counted
+    pen, logs = reg(t, z, z=z, step=0, generator=torch.Generator().manual_seed(9))
+    assert float(pen) == 0.0 and logs["fd_inverse_nonfinite"] == 6
 
 
 def test_schedule_and_validation():
