@@ -2,7 +2,7 @@
 
 Each builder ``(hidden, preprocess) -> Contender`` wraps one library's own layers in the same
 pipeline as stableflows' models: ``v`` (model-space digits ``(B, 1, 8, 8)``) -> the shared
-:class:`~stableflows.bench.contender.Preprocess` (stableflows' ``Logit(0.05)`` by default, its log-det
+:class:`~stableflows.bench.contender.Preprocess` (stableflows' ``Logit(LOGIT_ALPHA)`` = ``Logit(0.01)`` by default, its log-det
 counted) -> the library's flow -> a standard-normal base. Only the library's public classes are used;
 conventions that differ between libraries (PEERS.md) are handled here:
 

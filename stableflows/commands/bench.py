@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..bench.contender import LOGIT_ALPHA
+
 NAME = "bench"
 HELP = "benchmark stableflows' flows against normflows / zuko / FrEIA / nflows (JSON + Markdown table)"
 
@@ -37,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"steps between validation evaluations (default: {d.eval_every})")
     parser.add_argument("--seed", type=int, default=d.seed, metavar="N", help=f"seed (default: {d.seed})")
     parser.add_argument("--preprocess", choices=("logit", "none"), default=d.preprocess,
-                        help="pre-transform of every model: stableflows' Logit(0.05), whose log-det counts, or none "
+                        help=f"pre-transform of every model: stableflows' Logit({LOGIT_ALPHA}), whose log-det counts, or none "
                              f"(default: {d.preprocess})")
     parser.add_argument("--no-match-params", dest="match_params", action="store_false",
                         help="use every model's own default width instead of matching its parameter count to "
