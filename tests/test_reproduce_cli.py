@@ -7,7 +7,7 @@ from stableflows.experiments import registry
 
 
 def _args(**kw):
-    base = dict(name=None, list=False, out=None, quick=True, seed=0, threads=None)
+    base = dict(name=None, list=False, out=None, quick=True, seed=0, threads=None, data=None, data_dir=None, paper=False)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -37,3 +37,35 @@ def test_experiment_runs_and_writes_under_out(tmp_path, monkeypatch, capsys):
     assert reproduce.run(_args(name="fake", out=str(tmp_path / "o"), seed=3)) == 0
     assert calls == {"out": tmp_path / "o", "quick": True, "seed": 3}
     assert (tmp_path / "o" / "table.json").exists()
+
+
+def test_data_options_reach_experiments_that_take_them(tmp_path, monkeypatch, capsys):
+    calls = {}
+
+    def takes(out_dir, *, quick=False, seed=0, data="digits", data_dir=None, paper=False):
+        """Takes data options."""
+        calls.update(data=data, data_dir=data_dir, paper=paper)
+        return {}
+
+    def plain(out_dir, *, quick=False, seed=0):
+        """Takes none."""
+        return {}
+
+    monkeypatch.setattr("stableflows.experiments.registry", lambda: {"takes": takes, "plain": plain})
+    args = _args(name="takes", out=str(tmp_path / "a"), data="cifar10", data_dir="/data", paper=True)
+    assert reproduce.run(args) == 0
+    assert calls == {"data": "cifar10", "data_dir": "/data", "paper": True}
+    calls.clear()
+    assert reproduce.run(_args(name="takes", out=str(tmp_path / "b"))) == 0  # unset: the experiment's defaults
+    assert calls == {"data": "digits", "data_dir": None, "paper": False}
+    assert reproduce.run(_args(name="plain", out=str(tmp_path / "c"), paper=True)) == 2
+    err = capsys.readouterr().err
+    assert "does not take --paper" in err and "its data options: none" in err
+    assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
+def test_supervised_table_takes_the_paper_options():
+    import inspect
+
+    params = inspect.signature(registry()["supervised-table"]).parameters
+    assert {"data", "data_dir", "paper"} <= set(params)
