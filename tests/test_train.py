@@ -218,6 +218,42 @@ def test_zero_steps_still_evaluates(tmp_path):
 
 
 # ----------------------------------------------------------------------------- EMA
+def test_ema_of_spectrally_normalised_weights_stays_within_the_lipschitz_bound():
+    """The EMA copies power-iteration vectors instead of averaging them, and a residual hybrid
+    re-converges them on eval(): every normalised layer of the averaged model then has an exact
+    operator norm (dense matrix, svdvals) <= c. Averaging the vectors, as a plain EMA would, gives
+    vectors shorter than 1 here, i.e. an underestimated norm and an under-normalised weight."""
+    from stableflows.models.classifier import hybrid
+    from stableflows.transforms.lipschitz import LipschitzConv2d, LipschitzLinear, operator_matrix
+
+    torch.manual_seed(0)
+    model = hybrid(shape=(1, 4, 4), n_classes=3, block="residual", lam=1.0, levels=1, steps_per_level=2,
+                   hidden=8).double()
+    x = torch.rand(16, 1, 4, 4, dtype=torch.float64)
+    model.train()
+    model.log_prob(x)  # sizes the conv vectors, ActNorm init
+    ema = EMA(model, decay=0.9)
+    naive = {}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (LipschitzLinear, LipschitzConv2d))}
+    assert layers
+    for t in range(20):
+        with torch.no_grad():
+            for n, m in layers.items():
+                m.weight.add_(0.5 * torch.randn_like(m.weight))
+        model.log_prob(x)  # train mode: power iteration for the new weights
+        ema.update(model)
+        d = min(0.9, (1 + t) / (10 + t))
+        for n, m in layers.items():
+            naive[n] = m.u.clone() if t == 0 else d * naive[n] + (1 - d) * m.u
+    assert min(float(u.norm()) for u in naive.values()) < 0.9  # the planted failure of averaging is real
+    avg = ema.module.eval()
+    for n, m in avg.named_modules():
+        if isinstance(m, (LipschitzLinear, LipschitzConv2d)):
+            assert abs(float(m.u.norm()) - 1.0) < 1e-9
+            exact = float(torch.linalg.svdvals(operator_matrix(m))[0])
+            assert exact <= m.coeff * (1 + 1e-6), (n, exact, m.coeff)
+
+
 def test_ema_matches_the_recursion():
     model = nn.Linear(3, 2).double()
     ema = EMA(model, decay=0.9)

@@ -32,6 +32,7 @@ from ..transforms.base import ShapeError, Transform, check_finite, check_shape
 from ..transforms.coupling import AdditiveCoupling, AffineCoupling
 from ..transforms.elementwise import Logit
 from ..transforms.linear import Invertible1x1
+from ..transforms.lipschitz import RefreshOnEval
 from ..transforms.normalization import ActNorm
 from ..transforms.reshape import Squeeze
 from .factories import COUPLINGS, PERMUTATIONS, flow_step
@@ -44,13 +45,14 @@ HEADS = ("linear", "mlp", "bn_relu", "conv")
 BLOCKS = ("residual", "coupling", "coupling_1x1")
 
 
-class InvertibleClassifier(nn.Module):
+class InvertibleClassifier(RefreshOnEval, nn.Module):
     """``.flow`` (a :class:`Transform`, data -> latent) and ``.head`` (latent -> logits).
 
     ``forward(x)`` returns logits ``(B, n_classes)``; :meth:`features` the flow's ``(z, logdet)``;
     :meth:`log_prob` the density with a standard-normal base; ``inverse``, ``sample`` and
     ``transform`` / ``latent_shape`` make it usable wherever a :class:`Flow` is read (audit, bpd).
-    ``lam`` is the hybrid weight of ``log p(x)`` (0 for a pure classifier).
+    ``lam`` is the hybrid weight of ``log p(x)`` (0 for a pure classifier). With residual blocks,
+    ``eval()`` re-converges their spectral norms for the current weights (:class:`RefreshOnEval`).
     """
 
     def __init__(self, flow: Transform, head: nn.Module, shape: Sequence[int], latent_shape: Sequence[int], *,

@@ -43,7 +43,7 @@ from ..config import ModelConfig
 from ..transforms.base import Compose, ShapeError, Transform
 from ..transforms.elementwise import Logit
 from ..transforms.lipschitz import (DEFAULT_COEFF, DEFAULT_MAX_POWER_ITER, DEFAULT_POWER_ATOL, DEFAULT_POWER_RTOL,
-                                    NORMS, refresh_normalization)
+                                    NORMS, RefreshOnEval)
 from ..transforms.multiscale import Flatten, MultiScale, SplitPrior
 from ..transforms.normalization import ActNorm
 from ..transforms.reshape import Squeeze
@@ -62,16 +62,9 @@ IRESNET_DEFAULTS = {"coeff": 0.9, "activation": "elu", "estimator": "series"}  #
 _RESFLOW_FIELDS = ModelConfig()  # the config's defaults are the Residual Flow's
 
 
-class ResidualFlowModel(Flow):
+class ResidualFlowModel(RefreshOnEval, Flow):
     """A :class:`Flow` of Lipschitz-constrained residual blocks; ``eval()`` re-converges the power
-    iteration of every normalised layer for the current weights (EMA averages and loaded weights
-    come with power-iteration vectors that belong to other weights)."""
-
-    def train(self, mode: bool = True) -> "ResidualFlowModel":
-        super().train(mode)
-        if not mode:
-            refresh_normalization(self)
-        return self
+    iteration of every normalised layer for the current weights (:class:`RefreshOnEval`)."""
 
 
 def _check(shape, *, levels, steps_per_level, hidden, fc_blocks, coeff, logit_alpha, norm, activation) -> tuple:

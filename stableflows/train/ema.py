@@ -5,7 +5,11 @@
 ``t`` counts updates; the warm-up of ``d_t`` keeps the average from being dominated by the
 initial weights in short runs (Polyak & Juditsky 1992; the ramp as in TensorFlow's
 ``ExponentialMovingAverage(num_updates=...)``). Floating-point buffers are averaged the same way;
-other buffers (integer permutations, initialisation flags) are copied. ``decay = 0`` disables the
+other buffers (integer permutations, initialisation flags) are copied, and so are the power-iteration
+vectors of spectrally normalised layers: an average of unit vectors is shorter than 1, so ``u^T W v``
+would underestimate the norm of the averaged weight and leave it under-normalised (Lipschitz
+constant above ``c``). Models with such layers re-converge them for the averaged weights on
+``eval()`` (:class:`~stableflows.transforms.lipschitz.RefreshOnEval`). ``decay = 0`` disables the
 average: the copy then equals the live weights after every update.
 """
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..transforms.lipschitz import power_iteration_buffers
 
 __all__ = ["EMA"]
 
@@ -37,6 +43,7 @@ class EMA:
         self.module.requires_grad_(False)
         self.module.eval()
         self.num_updates = 0
+        self._copied = power_iteration_buffers(self.module)  # copied, never averaged
 
     def current_decay(self) -> float:
         t = self.num_updates
@@ -48,7 +55,7 @@ class EMA:
         live = model.state_dict()
         for name, avg in self.module.state_dict().items():
             new = live[name]
-            if torch.is_floating_point(avg) and d > 0.0:
+            if torch.is_floating_point(avg) and d > 0.0 and name not in self._copied:
                 avg.lerp_(new.to(avg.dtype), 1.0 - d)  # avg + (1 - d)(new - avg)
             else:
                 avg.copy_(new)

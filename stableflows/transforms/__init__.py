@@ -11,6 +11,6 @@ from .multiscale import ElementwiseAffine, Flatten, MultiScale, SplitPrior  # no
 from .activations import ACTIVATIONS, ELU, LipSwish, Softplus, make_activation  # noqa: F401
 from .lipschitz import (NORMS, LipschitzConv2d, LipschitzLinear, SpectralConv2d, SpectralLinear,  # noqa: F401
                         compute_lipschitz_exact, frozen_normalization, lipschitz_bound, operator_matrix,
-                        refresh_normalization)
+                        power_iteration_buffers, refresh_normalization, RefreshOnEval)
 from .residual import (InverseNotConvergedWarning, NotContractiveError, ResidualBlock,  # noqa: F401
                        conv_lipschitz, mlp_lipschitz)

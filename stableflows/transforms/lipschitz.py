@@ -47,6 +47,8 @@ __all__ = [
     "SpectralConv2d",
     "frozen_normalization",
     "refresh_normalization",
+    "RefreshOnEval",
+    "power_iteration_buffers",
     "lipschitz_bound",
     "operator_matrix",
     "compute_lipschitz_exact",
@@ -336,6 +338,27 @@ def refresh_normalization(module: nn.Module, rtol: float | None = None,
     """Converge the norm estimate of every normalised layer of ``module`` for its current weights."""
     for layer in _lipschitz_layers(module):
         layer.refresh_norm(rtol, max_iter)
+
+
+def power_iteration_buffers(module: nn.Module) -> set[str]:
+    """State-dict names of the power-iteration vectors (``u``, ``v``) of every spectrally normalised
+    layer of ``module``. They belong to one weight: an average of them is not a singular vector of
+    the averaged weight (it is shorter, so ``u^T W v`` underestimates the norm), so weight averaging
+    must copy them and re-converge (:func:`refresh_normalization`), never average them."""
+    return {f"{name}.{b}" if name else b for name, m in module.named_modules()
+            if isinstance(m, _LipschitzMixin) and m.norm == "spectral" for b in ("u", "v")}
+
+
+class RefreshOnEval:
+    """Mixin for an ``nn.Module`` holding normalised layers: ``eval()`` re-converges the power
+    iteration of every normalised layer for the current weights (EMA averages and loaded weights
+    come with vectors that belong to other weights; evaluation does not update them)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:
+            refresh_normalization(self)
+        return self
 
 
 def lipschitz_bound(module: nn.Module) -> float | None:
