@@ -231,7 +231,11 @@ def test_ema_of_spectrally_normalised_weights_stays_within_the_lipschitz_bound()
                    hidden=8).double()
     x = torch.rand(16, 1, 4, 4, dtype=torch.float64)
     model.train()
+    early = EMA(model, decay=0.9)  # before the first forward: conv vectors not sized yet
     model.log_prob(x)  # sizes the conv vectors, ActNorm init
+    early.update(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in early.module.state_dict().items()
+               if k.endswith((".u", ".v")))
     ema = EMA(model, decay=0.9)
     naive = {}
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (LipschitzLinear, LipschitzConv2d))}

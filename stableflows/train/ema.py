@@ -55,7 +55,9 @@ class EMA:
         live = model.state_dict()
         for name, avg in self.module.state_dict().items():
             new = live[name]
-            if torch.is_floating_point(avg) and d > 0.0 and name not in self._copied:
+            if name in self._copied and avg.shape != new.shape:  # lazily sized conv vectors
+                self.module.load_state_dict({name: new}, strict=False)
+            elif torch.is_floating_point(avg) and d > 0.0 and name not in self._copied:
                 avg.lerp_(new.to(avg.dtype), 1.0 - d)  # avg + (1 - d)(new - avg)
             else:
                 avg.copy_(new)
