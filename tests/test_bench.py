@@ -196,6 +196,60 @@ def test_targets_are_read_off_the_results():
     assert "NOT met" in md and "failed: boom" in md
 
 
+def test_glow_speed_is_judged_on_the_paired_timing_when_there_is_one():
+    rec = {f: {"nonfinite_pct": 0.0} for f in session.RECON_FAMILIES}
+    results = [{"name": "stableflows-glow", "library": "stableflows", "family": "glow-like", "params": 100,
+                "test_bpd_selected": 2.0, "steps_per_s": 13.0, "reconstruction": rec},
+               {"name": "peer-glow", "library": "peer", "family": "glow-like", "params": 100,
+                "test_bpd_selected": 2.1, "steps_per_s": 12.0, "reconstruction": rec}]
+    paired = {"models": [{"name": "stableflows-glow", "ms_per_step": 80.0}, {"name": "peer-glow", "ms_per_step": 72.0}]}
+    t = session.check_targets(results, paired)["glow_speed"]
+    assert t["judged_on"] == "paired" and not t["met"]  # faster as processes, slower when paired
+    assert t["peers"][0]["paired_ratio"] == pytest.approx(0.9) and t["peers"][0]["ratio"] == pytest.approx(13 / 12)
+    assert session.check_targets(results, {"error": "boom"})["glow_speed"]["judged_on"] == "processes"
+    assert session.paired_names(results) == ["stableflows-glow", "peer-glow"]
+    assert session.paired_names(results[1:]) == []
+
+
+def test_paired_timing_sees_a_planted_delay():
+    import dataclasses
+    import time
+
+    from stableflows.bench.paired import paired_step_times
+
+    delay = 0.02  # seconds slept in every log_prob of the slow copy: a lower bound on its extra cost
+
+    def slow_log_prob(m, v, _f=None):
+        time.sleep(delay)
+        return fast.log_prob(m, v)
+
+    torch.manual_seed(0)
+    fast = models.build("stableflows-realnvp", hidden=SMALL_HIDDEN)
+    torch.manual_seed(0)
+    slow = dataclasses.replace(models.build("stableflows-realnvp", hidden=SMALL_HIDDEN), name="slow",
+                               log_prob=slow_log_prob)
+    s = harness.BenchSettings(threads=1, match_params=False, ema_decay=0.9)
+    out = paired_step_times(["fast", "slow"], s, rounds=2, steps=2, warmup=1, contenders={"fast": fast, "slow": slow})
+    f, sl = out["models"]
+    assert out["rounds"] == 2 and len(f["rounds_ms"]) == len(sl["rounds_ms"]) == 2
+    assert sl["ms_per_step"] - f["ms_per_step"] >= 0.9 * 1e3 * delay
+    assert f["ratio_to_first"] == 1.0 and sl["ratio_to_first"] == pytest.approx(f["ms_per_step"] / sl["ms_per_step"])
+    with pytest.raises(ValueError):
+        paired_step_times([], s)
+
+
+def test_session_times_the_glow_like_models_paired(tmp_path):
+    s = harness.BenchSettings(budget=0.3, eval_every=2, threads=1, ood_n=8, match_params=False, flops=False,
+                              paired_rounds=1)
+    report, _ = session.run_session(["stableflows-glow", "FrEIA-allinone"], s, tmp_path, log=lambda _: None)
+    assert all("error" not in r for r in report["results"]), report["results"]
+    p = report["paired"]
+    assert "error" not in p, p
+    assert [m["name"] for m in p["models"]] == ["stableflows-glow", "FrEIA-allinone"] and p["rounds"] == 1
+    assert report["targets"]["glow_speed"]["judged_on"] == "paired"
+    assert "paired" in (tmp_path / "latest.md").read_text()
+
+
 def test_session_runs_a_model_in_its_own_process(tmp_path):
     s = harness.BenchSettings(budget=0.5, eval_every=2, threads=1, ood_n=8, match_params=False)
     report, where = session.run_session(["zuko-realnvp"], s, tmp_path, log=lambda _: None)

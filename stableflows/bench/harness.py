@@ -6,7 +6,7 @@ The recipe is the same for every model, stableflows' and the peers' (only the mo
   dequantised ``v = (x + u) / L`` with fresh ``u`` every batch, batch 64, epoch permutations;
 * data-dependent initialisation: one forward pass in training mode on 512 training examples
   (every library's ActNorm initialises on it);
-* AdamW (lr 1e-3, no weight decay), linear warm-up over 100 steps, gradient-norm clipping at 50,
+* AdamW (lr 1e-3, no weight decay; PyTorch's fused kernel for every model), linear warm-up over 100 steps, gradient-norm clipping at 50,
   an EMA of the weights (decay 0.999) used for every evaluation; a step with a non-finite loss or
   gradient is skipped and counted;
 * training stops when the *training* time (the timed steps, ``after_step`` included; evaluation
@@ -78,12 +78,15 @@ class BenchSettings:
     max_steps: int | None = None  # optional cap on steps (tests)
     ood_n: int = OOD_N
     flops: bool = True
+    paired_rounds: int = 9  # interleaved rounds of the paired step timing (:mod:`.paired`); 0: skip it
 
     def __post_init__(self):
         if not (self.budget > 0 and math.isfinite(self.budget)):
             raise ValueError(f"budget must be a positive number of seconds, got {self.budget}")
         if self.batch_size < 1 or self.threads < 1 or self.eval_every < 1:
             raise ValueError("batch_size, threads and eval_every must be >= 1")
+        if self.paired_rounds < 0:
+            raise ValueError(f"paired_rounds must be >= 0, got {self.paired_rounds}")
         if self.preprocess not in PREPROCESS:
             raise ValueError(f"preprocess must be one of {PREPROCESS}, got {self.preprocess!r}")
 
@@ -220,6 +223,7 @@ class _Run:
     def __init__(self, c: Contender, splits, s: BenchSettings, device: torch.device):
         from ..train.ema import EMA
         from ..train.evaluate import fixed_noise
+        from ..train.optim import adamw
 
         self.c, self.s, self.device = c, s, device
         self.module = c.module.to(device)
@@ -231,7 +235,7 @@ class _Run:
         self.perm, self.pos = None, 0
         self._init()
         self.ema = EMA(self.module, s.ema_decay) if s.ema_decay > 0 else None
-        self.opt = torch.optim.AdamW(self.module.parameters(), lr=s.lr, weight_decay=0.0)
+        self.opt = adamw(self.module.parameters(), lr=s.lr)
         self.step = self.skipped = 0
         self.train_time = 0.0
         self.best: tuple[float, int, dict] | None = None

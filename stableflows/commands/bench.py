@@ -4,8 +4,9 @@ Every model trains with the same recipe (batch 64, AdamW 1e-3, warm-up, clipping
 selection) for a fixed wall-clock budget, then is measured: parameters, steps/s, test bits/dim
 (validation-selected and end of budget), peak memory, reconstruction error on test data and on
 noise / constant / out-of-range inputs, % non-finite, time of one inverse pass, and the FLOP rate
-of a training step as a fraction of a large matmul's. Peer libraries (normflows, zuko, FrEIA,
-nflows) are included when they import.
+of a training step as a fraction of a large matmul's. Then the Glow-like models are timed once more,
+together in one process in interleaved rounds (median ms per step; this paired timing decides the
+Glow speed target). Peer libraries (normflows, zuko, FrEIA, nflows) are included when they import.
 
 Examples:
   stableflows bench                                    # every available model, 120 s each
@@ -46,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stableflows' Glow")
     parser.add_argument("--no-flops", dest="flops", action="store_false",
                         help="skip the FLOP count and the matmul reference")
+    parser.add_argument("--paired-rounds", type=int, default=d.paired_rounds, metavar="N",
+                        help="interleaved rounds of the paired step timing of the Glow-like models in one process, "
+                             f"which decides the Glow speed target; 0 skips it (default: {d.paired_rounds})")
     parser.add_argument("--device", default=d.device, metavar="DEVICE", help=f"cpu | cuda (default: {d.device})")
     parser.add_argument("--out-dir", default="runs/bench", metavar="DIR",
                         help="where <UTC time>/bench.{json,md} and latest.{json,md} are written (default: runs/bench)")
@@ -72,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown or unavailable model(s) {', '.join(unknown)}; available: {', '.join(table)}")
     settings = BenchSettings(budget=args.budget, batch_size=args.batch_size, threads=args.threads,
                              eval_every=args.eval_every, seed=args.seed, preprocess=args.preprocess,
-                             match_params=args.match_params, device=args.device, flops=args.flops)
+                             match_params=args.match_params, device=args.device, flops=args.flops,
+                             paired_rounds=args.paired_rounds)
     args._started = True
     session, where = run_session(names, settings, args.out_dir)
     print(f"report: {where}/bench.md (and {args.out_dir}/latest.md)")

@@ -35,6 +35,7 @@ from ..memory import GradientGuard, MemorySavingCompose, compare_gradients
 from ..models.classifier import classifier
 from ..models.factories import flow_step
 from ..regularizers import FiniteDifferenceRegularizer, FlowObjectiveRegularizer
+from ..train.optim import adamw
 from ..train.objectives import Batch
 from ..train.supervised import ClassificationObjective, evaluate_classifier
 
@@ -126,7 +127,7 @@ def train_classifier(model, splits, objective, *, steps: int, batch_size: int, l
     the paper) and the reconstruction error of 64 fixed validation examples every ``track_every``
     steps. A step whose gradient is non-finite is skipped and counted."""
     g = torch.Generator().manual_seed(seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = adamw(model.parameters(), lr=lr)
     guard = GradientGuard(every=angle_every, fallback=fallback, max_angle=1.0)
     x_track = _fixed_points(splits.val, splits.levels, 64)
     hist: dict = {"step": [], "loss": [], "acc": [], "angle": [], "recon": [], "nonfinite_steps": 0,

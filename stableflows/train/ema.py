@@ -53,14 +53,18 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         live = model.state_dict()
+        avgs, news = [], []
         for name, avg in self.module.state_dict().items():
             new = live[name]
             if name in self._copied and avg.shape != new.shape:  # lazily sized conv vectors
                 self.module.load_state_dict({name: new}, strict=False)
             elif torch.is_floating_point(avg) and d > 0.0 and name not in self._copied:
-                avg.lerp_(new.to(avg.dtype), 1.0 - d)  # avg + (1 - d)(new - avg)
+                avgs.append(avg)
+                news.append(new.to(avg.dtype))
             else:
                 avg.copy_(new)
+        if avgs:  # avg + (1 - d)(new - avg), one multi-tensor kernel
+            torch._foreach_lerp_(avgs, news, 1.0 - d)
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 gradient clipping, an EMA of the weights, validation-based selection and exact resumption.
 
 Per step: a batch from an epoch permutation (``sample`` generator), fresh dequantisation noise
-(``noise`` generator), ``loss.backward()``, clip the gradient norm, AdamW step with learning rate
+(``noise`` generator), ``loss.backward()``, clip the gradient norm, AdamW step (fused kernel,
+:mod:`.optim`) with learning rate
 ``lr * min(1, (t + 1) / warmup)``, EMA update. Every ``eval_every`` steps and at the end the EMA
 weights are evaluated on the validation split with fixed noise (seed 0); the best by validation
 metric are written to ``best.pt``, the whole state to ``last.pt``. The test split is evaluated
@@ -56,6 +57,7 @@ from .distributed import wrap as wrap_distributed
 from .ema import EMA
 from .evaluate import EVAL_SEED, evaluate, finite_or_none, frozen_rng, metric_name
 from .objectives import Batch, MaximumLikelihood, Objective
+from .optim import adamw, load_optimizer_state
 from .plots import write_figures
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "validate_config", "resolve_device", "build_objective",
@@ -307,7 +309,7 @@ class _Trainer:
 
         self._data_dependent_init()
         self.ema = EMA(model, self.t.ema_decay) if self.t.ema_decay > 0 else None
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
+        self.optimizer = adamw(model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
 
     # -------------------------------------------------------------- state
     @property
@@ -360,7 +362,7 @@ class _Trainer:
             if not s.get("ema"):
                 raise CheckpointError("checkpoint has no EMA state but ema_decay > 0", self.out / "last.pt")
             self.ema.load_state_dict(s["ema"])
-        self.optimizer.load_state_dict(s["optimizer"])
+        load_optimizer_state(self.optimizer, s["optimizer"])
         self.step = int(s["step"])
         self.best_val, self.best_step = float(s["best_val"]), s["best_step"]
         self.train_time, self.eval_time = float(s["train_time"]), float(s["eval_time"])
