@@ -7,6 +7,7 @@ from stableflows.transforms.linear import Invertible1x1, Permutation
 from stableflows.transforms.normalization import ActNorm
 from stableflows.transforms.reshape import Squeeze
 from stableflows.transforms.scales import SCALES
+from stableflows.transforms.splines import SplineCoupling
 
 ABSTRACT_BASES = {
     "stableflows.transforms.coupling.Coupling": "template of Additive/AffineCoupling; no elementwise map of its own",
@@ -65,6 +66,13 @@ ENTRIES = {
     "additive_img_channel_p0": Entry(_additive(IMG), IMG),
     "additive_img_checker_p1": Entry(_additive(IMG, mask="checkerboard", parity=1), IMG, gradcheck=False),
     "additive_imgodd_channel_p1": Entry(_additive(IMG_ODD, parity=1), IMG_ODD, gradcheck=False),
+    # rational-quadratic spline coupling: inside the interval, and with most inputs in the identity tails
+    "spline_vec_channel_p0": Entry(lambda: SplineCoupling(VEC, hidden=H, bins=4, bound=3.0), VEC),
+    "spline_vec_checker_p1_tails": Entry(lambda: SplineCoupling(VEC, mask="checkerboard", parity=1, hidden=H, bins=3,
+                                                                bound=0.5), VEC),
+    "spline_img_channel_p1": Entry(lambda: SplineCoupling(IMG, parity=1, hidden=H, bins=5, bound=2.0), IMG,
+                                   gradcheck=False),
+    "spline_img_checker_p0": Entry(lambda: SplineCoupling(IMG, mask="checkerboard", hidden=H), IMG, gradcheck=False),
     # normalisation, channel mixing, reshaping, elementwise
     "actnorm_vec": Entry(lambda: ActNorm(VEC), VEC),
     "actnorm_img": Entry(lambda: ActNorm(IMG), IMG),

@@ -31,6 +31,8 @@ def stableflows_config(model: str, hidden: int, preprocess: str) -> ModelConfig:
     cfg = ModelConfig(model=model, hidden=hidden, levels=2, steps_per_level=4, logit_alpha=alpha)
     if model == "realnvp":
         cfg = dataclasses.replace(cfg, scale="exp", mask="checkerboard")
+    if model == "splineglow":  # the Glow above with rational-quadratic spline couplings
+        cfg = dataclasses.replace(cfg, model="glow", coupling="spline")
     if model == "resflow":  # the vector model of configs/resflow_digits.toml: 8 FC blocks on 64-d inputs
         cfg = dataclasses.replace(cfg, levels=1, steps_per_level=8, n_power_iter=1)
     return cfg
@@ -79,6 +81,8 @@ CONTENDERS: dict[str, Callable[..., Contender]] = {
                                      "coupling sigma(s+2)], learned split prior, logit"),
     "stableflows-realnvp": _stableflows("realnvp", "realnvp-like", "2 levels x 4 affine couplings (exp scale, "
                                         "checkerboard), ActNorm, logit"),
+    "stableflows-splineglow": _stableflows("splineglow", "spline", "the Glow with rational-quadratic spline "
+                                           "couplings (8 bins on [-5, 5], identity outside), learned split prior, logit"),
     "stableflows-resflow": _stableflows("resflow", "residual", "8 fully connected residual blocks on flattened "
                                         "digits (LipSwish, spectral norm c=0.98, Russian roulette), logit"),
 }

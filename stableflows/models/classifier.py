@@ -35,7 +35,7 @@ from ..transforms.linear import Invertible1x1
 from ..transforms.lipschitz import RefreshOnEval
 from ..transforms.normalization import ActNorm
 from ..transforms.reshape import Squeeze
-from .factories import COUPLINGS, PERMUTATIONS, flow_step
+from .factories import PERMUTATIONS, flow_step
 from .flow import Flow, standard_normal_log_prob
 from .registry import register_model
 
@@ -43,6 +43,7 @@ __all__ = ["InvertibleClassifier", "classifier", "hybrid", "make_head", "HEADS",
 
 HEADS = ("linear", "mlp", "bn_relu", "conv")
 BLOCKS = ("residual", "coupling", "coupling_1x1")
+CLASSIFIER_COUPLINGS = ("affine", "additive")  # the couplings of the papers on invertible classifiers
 
 
 class InvertibleClassifier(RefreshOnEval, nn.Module):
@@ -200,8 +201,8 @@ def classifier(*, shape: Sequence[int], n_classes: int = 10, levels: int = 2, st
     parameterisation ``scale`` (only locally; Behrmann et al. 2020). For vectors ``shape=(D,)`` the
     stack has ``levels * steps_per_level`` steps and MLP conditioners.
     """
-    if coupling not in COUPLINGS:
-        raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}")
+    if coupling not in CLASSIFIER_COUPLINGS:
+        raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(CLASSIFIER_COUPLINGS)}")
     if permutation not in PERMUTATIONS:
         raise ValueError(f"unknown permutation {permutation!r}; choose one of {', '.join(PERMUTATIONS)}")
     shape = _check(shape, levels, steps_per_level, hidden, n_classes, logit_alpha)
@@ -250,8 +251,8 @@ def hybrid(*, shape: Sequence[int], n_classes: int = 10, block: str = "residual"
             return ([ActNorm(s)] if actnorm else []) + [res]
     else:
         cls = AffineCoupling if coupling == "affine" else AdditiveCoupling
-        if coupling not in COUPLINGS:
-            raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}")
+        if coupling not in CLASSIFIER_COUPLINGS:
+            raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(CLASSIFIER_COUPLINGS)}")
         kw = {"scale": scale} if coupling == "affine" else {}
 
         def step(s, k):

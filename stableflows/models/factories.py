@@ -9,6 +9,8 @@ squeeze/split structure.
 - RealNVP (Dinh et al. 2017): affine coupling with alternating masks, squeeze/split multi-scale.
 - Glow (Kingma & Dhariwal 2018): steps ActNorm -> invertible 1x1 conv (LU) -> affine coupling,
   Glow's sigma(s + 2) scale, learned split prior.
+- Neural-spline Glow (Durkan et al. 2019): ``coupling="spline"`` puts a monotone rational-quadratic
+  spline coupling (:mod:`stableflows.transforms.splines`) in every Glow step.
 - Constant-volume Glow (Nalisnick et al. 2019, sec. 5): additive coupling + 1x1 conv + ActNorm and
   fixed split priors, no logit: the log-det does not depend on x.
 """
@@ -19,6 +21,7 @@ from typing import Sequence
 
 from ..transforms.base import Compose, ShapeError, Transform
 from ..transforms.coupling import AdditiveCoupling, AffineCoupling
+from ..transforms.splines import SplineCoupling
 from ..transforms.elementwise import Logit
 from ..transforms.linear import Invertible1x1, Permutation
 from ..transforms.multiscale import ElementwiseAffine, Flatten, MultiScale, SplitPrior
@@ -29,7 +32,7 @@ from .flow import Flow
 __all__ = ["nice", "realnvp", "glow", "cv_glow", "flow_step", "PERMUTATIONS", "COUPLINGS"]
 
 PERMUTATIONS = ("lu", "conv1x1", "reverse", "shuffle", "none")
-COUPLINGS = ("affine", "additive")
+COUPLINGS = ("affine", "additive", "spline")
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -65,6 +68,8 @@ def flow_step(shape: Sequence[int], index: int, *, hidden: int, coupling: str, s
     parity = index % 2 if permutation == "none" or mask == "checkerboard" else 0
     if coupling == "affine":
         layers.append(AffineCoupling(shape, mask=mask, parity=parity, hidden=hidden, scale=scale))
+    elif coupling == "spline":
+        layers.append(SplineCoupling(shape, mask=mask, parity=parity, hidden=hidden))
     else:
         layers.append(AdditiveCoupling(shape, mask=mask, parity=parity, hidden=hidden))
     return layers
