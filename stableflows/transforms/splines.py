@@ -49,8 +49,8 @@ def _knots(raw: Tensor, bound: float) -> Tensor:
     size = MIN_BIN + (1.0 - MIN_BIN * k) * torch.softmax(raw, dim=-1)
     cum = F.pad(torch.cumsum(size, dim=-1), (1, 0))
     cum = 2 * bound * cum - bound
-    return torch.cat([cum[..., :1].clamp(min=-bound, max=-bound), cum[..., 1:-1],
-                      cum[..., -1:].clamp(min=bound, max=bound)], dim=-1)  # exact end points
+    end = torch.full_like(cum[..., :1], bound)  # exact end points (the cumulative sum may miss B by rounding)
+    return torch.cat([-end, cum[..., 1:-1], end], dim=-1)
 
 
 def rq_spline(x: Tensor, raw_w: Tensor, raw_h: Tensor, raw_d: Tensor, *, bound: float = DEFAULT_BOUND,
