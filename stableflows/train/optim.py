@@ -29,7 +29,7 @@ def fused_supported(params: list[nn.Parameter]) -> bool:
 
 def adamw(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` over ``params``, fused when :func:`fused_supported`, else ``foreach``."""
-    params = [p for p in params if p.requires_grad]
+    params = list(params)  # frozen ones included, as torch.optim.AdamW(model.parameters()) would (checkpoint layout)
     if fused_supported(params):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
