@@ -71,43 +71,38 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def _child(name: str, s: BenchSettings, target: int | None, out: Path) -> dict[str, Any]:
+def _run_module(module: str, args: list[str], s: BenchSettings, target: int | None, out: Path,
+                timeout: float) -> dict[str, Any]:
+    """``python -m module *args --settings S --out OUT [--target-params T]`` with ``s.threads`` threads;
+    its JSON record, or ``{"error": ...}`` (timeout, or no output: the last lines of its stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads),
            "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "stableflows.bench.harness", name, "--settings", json.dumps(dataclasses.asdict(s)),
-           "--out", str(out)]
+    cmd = [sys.executable, "-m", module, *args, "--settings", json.dumps(dataclasses.asdict(s)), "--out", str(out)]
     if target is not None:
         cmd += ["--target-params", str(target)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT_FACTOR * s.budget + CHILD_TIMEOUT_EXTRA_S)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"name": name, "error": f"timed out after {time.perf_counter() - t0:.0f} s"}
+        return {"error": f"timed out after {time.perf_counter() - t0:.0f} s"}
     if out.is_file():
-        rec = json.loads(out.read_text())
-    else:
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
-        rec = {"name": name, "error": f"exit status {proc.returncode}: {' | '.join(tail)}"[:500]}
+        return json.loads(out.read_text())
+    tail = (proc.stderr or "").strip().splitlines()[-3:]
+    return {"error": f"exit status {proc.returncode}: {' | '.join(tail)}"[:500]}
+
+
+def _child(name: str, s: BenchSettings, target: int | None, out: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    rec = _run_module("stableflows.bench.harness", [name], s, target, out,
+                      CHILD_TIMEOUT_FACTOR * s.budget + CHILD_TIMEOUT_EXTRA_S)
+    rec.setdefault("name", name)
     rec["process_wall_s"] = time.perf_counter() - t0
     return rec
 
 
 def _paired_child(names: Sequence[str], s: BenchSettings, target: int | None, out: Path) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads),
-           "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "stableflows.bench.paired", ",".join(names), "--settings",
-           json.dumps(dataclasses.asdict(s)), "--rounds", str(s.paired_rounds), "--out", str(out)]
-    if target is not None:
-        cmd += ["--target-params", str(target)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_EXTRA_S * 2)
-    except subprocess.TimeoutExpired:
-        return {"error": "paired timing timed out"}
-    if out.is_file():
-        return json.loads(out.read_text())
-    tail = (proc.stderr or "").strip().splitlines()[-3:]
-    return {"error": f"exit status {proc.returncode}: {' | '.join(tail)}"[:500]}
+    return _run_module("stableflows.bench.paired", [",".join(names), "--rounds", str(s.paired_rounds)], s, target,
+                       out, 2 * CHILD_TIMEOUT_EXTRA_S)
 
 
 def paired_names(results: list[dict]) -> list[str]:
