@@ -252,6 +252,36 @@ def _nonfinite_entries(state: dict[str, Tensor]) -> list[str]:
     return [k for (k, _), good in zip(floats, ok.tolist()) if not good]
 
 
+def state_dict_error(e: BaseException) -> str:
+    """The informative line of a ``load_state_dict`` error (missing / unexpected keys, size mismatch)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    detail = [ln for ln in lines if not ln.startswith("Error(s) in loading state_dict")]
+    text = (detail or lines or [type(e).__name__])[0]
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _count(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"entry {name} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Adam moments that exist have the shape of their parameter (torch only checks the groups)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = st.get(key)
+                if not torch.is_tensor(t) or t.shape != p.shape:
+                    raise ValueError(f"optimizer state {key} of a parameter of shape {tuple(p.shape)} is "
+                                     f"{'missing' if t is None else tuple(getattr(t, 'shape', ()))}")
+            if "step" not in st:
+                raise ValueError("optimizer state without its step count")
+
+
 def _note(message: str) -> None:
     warnings.warn(message, RunNote, stacklevel=3)
 
@@ -365,19 +395,19 @@ class _Trainer:
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"weights do not fit the model built from the config (another model type or "
-                                  f"other options): {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-                                  path) from e
+                                  f"other options): {state_dict_error(e)}", path) from e
         try:
             self._load_rest(s)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-            raise CheckpointError(f"the training state does not fit this run ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else 'malformed entry'})",
+            what = f"no entry {e}" if isinstance(e, KeyError) else state_dict_error(e)
+            raise CheckpointError(f"the training state does not fit this run ({type(e).__name__}: {what})",
                                   path) from e
         self.saved_step = self.step
 
     def _load_rest(self, s: dict[str, Any]) -> None:
         load_optimizer_state(self.optimizer, s["optimizer"])
-        self.step = int(s["step"])
+        _check_optimizer_state(self.optimizer)
+        self.step = _count(s["step"], "step")
         self.best_val, self.best_step = float(s["best_val"]), s["best_step"]
         if self.best_step is not None:
             self.best_step = int(self.best_step)
@@ -392,13 +422,16 @@ class _Trainer:
             torch.cuda.set_rng_state(s["rng"]["cuda"], self.device)
         for k, g in self.gens.items():
             g.set_state(s["rng"][k])
-        perm, pos = s["sampler"]["perm"], int(s["sampler"]["pos"])
-        if perm is not None and (not torch.is_tensor(perm) or perm.shape != (self.train_x.shape[0],)):
-            raise ValueError(f"the stored batch order does not fit the {self.train_x.shape[0]} training examples")
+        n = self.train_x.shape[0]
+        perm, pos = s["sampler"]["perm"], _count(s["sampler"]["pos"], "sampler.pos")
+        if perm is not None and (not torch.is_tensor(perm) or perm.shape != (n,) or pos > n):
+            raise ValueError(f"the stored batch order does not fit the {n} training examples")
         self.perm, self.pos = perm, pos
         self.history = list(s["history"])
+        if not all(isinstance(r, dict) and isinstance(r.get("kind"), str) for r in self.history):
+            raise ValueError("the stored history holds entries that are not records")
         self.accum = {str(k): float(v) for k, v in dict(s["accum"]).items()}
-        self.nonfinite_total, self.nonfinite_run = (int(v) for v in s["nonfinite"])
+        self.nonfinite_total, self.nonfinite_run = (_count(v, "nonfinite") for v in s["nonfinite"])
         self.last_eval_step = int(s["last_eval_step"])
         self.last_lr = float(s["last_lr"])
         self.grad_checks, self.grad_fallbacks = (int(v) for v in s.get("grad_checks", (0, 0)))
