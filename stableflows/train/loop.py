@@ -44,7 +44,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import resource
 import signal
 import sys
@@ -72,7 +71,7 @@ from .optim import adamw, load_optimizer_state
 from .plots import write_figures
 from .progress import Progress
 from .rundir import RunDir, RunDirError, RunWriteError, check_reusable, default_out_dir, open_run_dir, recover
-from .validation import OBJECTIVE_CHOICES, SUPERVISED, SUPERVISED_ONLY, validate_config
+from .validation import OBJECTIVE_CHOICES, SUPERVISED, SUPERVISED_ONLY, validate_config  # noqa: F401 (re-exported)
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "RunNote", "validate_config", "resolve_device", "build_objective",
            "build_guard", "OBJECTIVE_CHOICES", "MAX_CONSECUTIVE_NONFINITE", "INIT_BATCH"]
@@ -768,11 +767,13 @@ def _train(cfg: RunConfig, env: DistEnv, resume: bool, overwrite: bool, model: n
     tr.rundir = _open_collective(env, out, resume, overwrite)
     try:
         if saved is not None:
+            changed = False
             if env.is_main:
                 st = (out / "last.pt").stat()
-                if (st.st_ino, st.st_size, st.st_mtime_ns) != stamp:
-                    raise RunDirError(f"{out / 'last.pt'} changed while this run was starting (another training "
-                                      "wrote it); start the resume again")
+                changed = (st.st_ino, st.st_size, st.st_mtime_ns) != stamp
+            if env.broadcast_object(changed):
+                raise RunDirError(f"{out / 'last.pt'} changed while this run was starting (another training "
+                                  "wrote it); start the resume again")
             tr.load_state(saved, out / "last.pt")
             _check_best_on_resume(tr)
             if env.is_main:
@@ -920,9 +921,10 @@ def _finish(tr: _Trainer, rate: float, session_steps: int) -> TrainResult:
         files = ["metrics.jsonl", "config.yaml", "last.pt"] + (["best.pt"] if tr.best_step is not None else [])
         files += [figures[k] for k in ("curve", "samples") if k in figures]
         summary["outputs"] = files = sorted(files + ["metrics.json"])
-        tr._write("metrics.json", lambda p: atomic_write_text(p, json.dumps(summary, indent=2, sort_keys=True) + "\n"))
         notes = {k[:-len("_error")]: v for k, v in figures.items() if k.endswith("_error")}
         notes.update({k[:-len("_skipped")]: v for k, v in figures.items() if k.endswith("_skipped")})
+        summary["notes"] = notes
+        tr._write("metrics.json", lambda p: atomic_write_text(p, json.dumps(summary, indent=2, sort_keys=True) + "\n"))
         written = (files, notes)
     result.outputs, result.notes = tr.env.broadcast_object(written)
     tr.env.barrier()
