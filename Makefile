@@ -23,7 +23,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest tests
 
 bench: $(STAMP)
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m benchmarks.run
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m benchmarks.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,4 +1,4 @@
-"""Out-of-distribution input families (DESIGN.md), in model space and on the level grid.
+"""Out-of-distribution input families (docs/METRICS.md), in model space and on the level grid.
 
 Model space is where a flow's inputs live: discrete data with ``L`` levels are dequantised to
 ``v = (x + u) / L`` in ``[0, 1)`` (:func:`stableflows.metrics.dequantize`). Given model-space

@@ -17,7 +17,7 @@ returns an :class:`OODResult` (JSON summary + per-example arrays for the plots o
    inverse has exploded is flagged meaningless.
 
 Inputs: the discrete families of :mod:`stableflows.data.ood` are built on the level grid from the
-test split and dequantised with the fixed noise of seed 0 (DESIGN.md bits/dim); ``gaussian`` and
+test split and dequantised with the fixed noise of seed 0 (docs/METRICS.md bits/dim); ``gaussian`` and
 ``out_of_range`` are model-space families scored as given. A family named like a dataset
 (``mnist``, ``fashion-mnist``, ``cifar10``, ``svhn``) is that dataset's test split, read from local
 files (the paper's pairs).
