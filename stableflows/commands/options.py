@@ -35,7 +35,9 @@ HELP: dict[str, str] = {
     "model.levels": "multi-scale levels of image flows (squeeze -> steps -> split per level)",
     "model.steps_per_level": "flow steps (or residual blocks) per level",
     "model.coupling": "coupling layer: affine (scale and shift) | additive (shift only, volume preserving) | "
-                      "spline (monotone rational-quadratic spline on [-5, 5], 8 bins, identity outside)",
+                      "spline (monotone rational-quadratic spline on [-5, 5], 8 bins, identity outside) | "
+                      "default (the model's own: affine for glow / hybrid; additive for classifier: Lip(F) and "
+                      "Lip(F^-1) of additive blocks have global bounds, of affine blocks only local ones, poster 001)",
     "model.scale": "scale parameterisation of affine coupling: exp | sigmoid (Glow's sigma(s+2)) | "
                    "biased_sigmoid (sigma(s)+eps) | bounded (a+(b-a)sigma(s)) | tanh_clamp | atan_clamp (soft-clamped exp)",
     "model.permutation": "channel mixing between couplings: lu (LU-decomposed 1x1 conv / linear) | conv1x1 "
