@@ -47,6 +47,8 @@ class ModelConfig:
     logit_alpha: float = 0.05  # logit pre-transform alpha (0 disables it)
     split_prior: bool = True  # Glow's learned conditional prior for factored-out channels
     actnorm: bool = True
+    base: str = "normal"  # base distribution of flows: normal (N(0, I)) | diag_normal | mixture (learned parameters)
+    base_components: int = 10  # Gaussians of the mixture base
     # residual flows
     coeff: float = 0.98  # Lipschitz coefficient c of spectral normalisation
     activation: str = "lipswish"  # lipswish | elu | softplus

@@ -32,3 +32,16 @@ def test_no_reference_to_a_document_outside_the_repository():
     design = "DESIGN" + ".md"  # spelled apart so this file does not match itself
     hits = [str(f.relative_to(ROOT)) for f, text in _texts() if design in text]
     assert not hits, f"{design} is not part of the repository; point to docs/METRICS.md instead: {hits}"
+
+
+def _section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_readme_build_snippet_runs():
+    """The README's "Build" code block, executed as a user pastes it."""
+    block = re.search(r"```python\n(.*?)```", _section("Build"), re.S).group(1)
+    exec(compile(block, "README.md (Build)", "exec"), {})

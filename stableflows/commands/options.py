@@ -46,6 +46,9 @@ HELP: dict[str, str] = {
     "model.logit_alpha": "logit pre-transform y = logit(alpha + (1 - 2 alpha) v) of the dequantised data v in [0, 1); "
                          "its log-det counts in bits/dim; 0 disables it",
     "model.split_prior": "use Glow's learned conditional Gaussian prior for the channels factored out at each split",
+    "model.base": "base distribution p_Z of flows: normal (N(0, I)) | diag_normal (Gaussian with learned mean and "
+                  "scale per latent entry) | mixture (--base-components Gaussians, learned weights, means and scales)",
+    "model.base_components": "number of Gaussians of --base mixture",
     "model.actnorm": "put an ActNorm layer (data-dependent initialisation) at the start of every flow step",
     "model.coeff": "residual flows: Lipschitz coefficient c < 1 enforced on each residual branch by spectral normalisation",
     "model.activation": "residual flows: Lipschitz-1 activation lipswish | elu | softplus",

@@ -34,7 +34,20 @@ def build_model(cfg: ModelConfig, shape: Sequence[int]):
     params = inspect.signature(factory).parameters
     kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
               if f.name in params and getattr(cfg, f.name) != MODEL_DEFAULT}  # "default": the factory's own
-    return factory(shape=tuple(shape), config=cfg, **kwargs)
+    model = factory(shape=tuple(shape), config=cfg, **kwargs)
+    return _with_base(model, cfg)
+
+
+def _with_base(model, cfg: ModelConfig):
+    """Apply ``cfg.base`` (:mod:`stableflows.models.distributions`) to the flow a factory built."""
+    if cfg.base == "normal":
+        return model
+    from .flow import Flow
+
+    if not isinstance(model, Flow):
+        raise ConfigError(f"model.base = {cfg.base!r} applies to flows; model {cfg.model!r} keeps N(0, I) "
+                          "(use model.base = \"normal\")")
+    return model.with_base(cfg.base, components=cfg.base_components)
 
 
 def _load_optional() -> None:
