@@ -22,7 +22,9 @@ from typing import Any
 
 from .transforms.base import StableflowsError
 
-__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "ConfigError", "load_config"]
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "ConfigError", "load_config", "MODEL_DEFAULT"]
+
+MODEL_DEFAULT = "default"  # a string option set to this takes the value of the model factory's own default
 
 
 class ConfigError(StableflowsError, ValueError):
@@ -37,13 +39,16 @@ class ModelConfig:
     hidden: int = 64  # width of conditioner / residual-block hidden layers
     levels: int = 2  # multi-scale levels (images)
     steps_per_level: int = 4  # flow steps (or residual blocks) per level
-    coupling: str = "affine"  # affine | additive
+    # default: the model's own (glow, realnvp, hybrid: affine; classifier: additive) | affine | additive | spline
+    coupling: str = "default"
     scale: str = "sigmoid"  # exp | sigmoid | biased_sigmoid | bounded | tanh_clamp | atan_clamp
     permutation: str = "lu"  # lu | conv1x1 | reverse | shuffle
     mask: str = "channel"  # channel | checkerboard
     logit_alpha: float = 0.05  # logit pre-transform alpha (0 disables it)
     split_prior: bool = True  # Glow's learned conditional prior for factored-out channels
     actnorm: bool = True
+    base: str = "normal"  # base distribution of flows: normal (N(0, I)) | diag_normal | mixture (learned parameters)
+    base_components: int = 10  # Gaussians of the mixture base
     # residual flows
     coeff: float = 0.98  # Lipschitz coefficient c of spectral normalisation
     activation: str = "lipswish"  # lipswish | elu | softplus

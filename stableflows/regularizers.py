@@ -172,7 +172,7 @@ def _finite_rows_mean(penalty: Callable[[Tensor], Tensor], n: int) -> tuple[Tens
 
 
 def nll_per_dim(z: Tensor, logdet: Tensor, levels: int | None) -> Tensor:
-    """``-log p(x)`` per example in bits/dim (``levels`` given: DESIGN.md, discrete data) or nats/dim
+    """``-log p(x)`` per example in bits/dim (``levels`` given: docs/METRICS.md, discrete data) or nats/dim
     (continuous data), from ``z = F(x)`` and ``log|det dF/dx|`` under a standard-normal base."""
     log_p = standard_normal_log_prob(z) + logdet  # (B,)
     dim = z[0].numel()

@@ -46,7 +46,7 @@ def test_eval_recomputes_the_test_bpd(run_dir, capsys):
     res = json.loads((run_dir / f"eval-best-step{step}-test.json").read_text())  # named after what it evaluated
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert res["bpd"] == pytest.approx(summary["test"], abs=1e-9) and res["n"] == 360
-    # independent reference: rebuild from the stored config, DESIGN.md bits/dim with seed-0 noise
+    # independent reference: rebuild from the stored config, docs/METRICS.md bits/dim with seed-0 noise
     ckpt = load_checkpoint(run_dir / "best.pt")
     cfg = RunConfig.from_dict(ckpt["config"])
     flow = build_model(cfg.model, (1, 8, 8))

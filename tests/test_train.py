@@ -116,7 +116,7 @@ def test_training_lowers_bpd_and_reports_selected_weights(tmp_path):
     ref = tiny_flow()
     ref.load_state_dict(ckpt["model"])
     ref.eval().requires_grad_(False)
-    # independent reference: DESIGN.md bits/dim of the best weights with fixed noise (seed 0)
+    # independent reference: docs/METRICS.md bits/dim of the best weights with fixed noise (seed 0)
     assert res.test == pytest.approx(float(bits_per_dim(ref, splits.test, LEVELS, seed=0).double().mean()), abs=1e-5)
     assert res.best_val == pytest.approx(float(bits_per_dim(ref, splits.val, LEVELS, seed=0).double().mean()), abs=1e-5)
     # outputs

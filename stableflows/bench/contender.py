@@ -3,7 +3,7 @@
 Every contender maps *model-space* digits ``v`` of shape ``(B, 1, 8, 8)`` (dequantised
 ``(x + u) / 17`` in ``[0, 1)``) to a latent ``z`` and back, and gives ``log p(v)`` including every
 pre-transform (a logit counts through its log-det), so bits/dim are comparable across libraries:
-``bpd = -(log p(v) - D ln L) / (D ln 2)`` (DESIGN.md). The functions take the module as their first
+``bpd = -(log p(v) - D ln L) / (D ln 2)`` (docs/METRICS.md). The functions take the module as their first
 argument, so the harness can apply them to averaged (EMA) or selected copies of the weights.
 
 Parameter matching: a contender is built from a width ``hidden``; :func:`match_hidden` picks the
@@ -24,7 +24,7 @@ from ..transforms.elementwise import Logit
 __all__ = ["Contender", "Builder", "count_params", "match_hidden", "Preprocess", "EVENT_SHAPE", "LEVELS",
            "PREPROCESS", "LOGIT_ALPHA"]
 
-EVENT_SHAPE = (1, 8, 8)  # the digits task of DESIGN.md
+EVENT_SHAPE = (1, 8, 8)  # the digits task of docs/METRICS.md
 LEVELS = 17
 LOGIT_ALPHA = 0.01  # logit pre-transform of every contender (digits: 0.01 beats 0.05 by ~0.06 bpd for Glow and Residual Flow)
 PREPROCESS = ("logit", "none")

@@ -2,7 +2,7 @@
 
 The recipe is the same for every model, stableflows' and the peers' (only the model differs):
 
-* data: digits of DESIGN.md (1437 train = 1293 train + 144 validation, 360 test; 8x8, L = 17),
+* data: digits of docs/METRICS.md (1437 train = 1293 train + 144 validation, 360 test; 8x8, L = 17),
   dequantised ``v = (x + u) / L`` with fresh ``u`` every batch, batch 64, epoch permutations;
 * data-dependent initialisation: one forward pass in training mode on 512 training examples
   (every library's ActNorm initialises on it);

@@ -1,6 +1,6 @@
 """Evaluate the selected weights of a run on its test split (or validation split).
 
-The metric is bits/dim with the fixed dequantisation noise of seed 0 (DESIGN.md) for discrete data,
+The metric is bits/dim with the fixed dequantisation noise of seed 0 (docs/METRICS.md) for discrete data,
 mean negative log-likelihood in nats for continuous data; for a run trained with the classification
 or hybrid objective, the classification error, accuracy, cross-entropy and bits/dim. Given a run directory, best.pt (the
 validation-selected EMA weights) is used; given a checkpoint file, that file (EMA weights of a

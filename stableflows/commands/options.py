@@ -37,7 +37,9 @@ HELP: dict[str, str] = {
     "model.levels": "multi-scale levels of image flows (squeeze -> steps -> split per level)",
     "model.steps_per_level": "flow steps (or residual blocks) per level",
     "model.coupling": "coupling layer: affine (scale and shift) | additive (shift only, volume preserving) | "
-                      "spline (monotone rational-quadratic spline on [-5, 5], 8 bins, identity outside)",
+                      "spline (monotone rational-quadratic spline on [-5, 5], 8 bins, identity outside) | "
+                      "default (the model's own: affine for glow / hybrid; additive for classifier: Lip(F) and "
+                      "Lip(F^-1) of additive blocks have global bounds, of affine blocks only local ones, poster 001)",
     "model.scale": "scale parameterisation of affine coupling: exp | sigmoid (Glow's sigma(s+2)) | "
                    "biased_sigmoid (sigma(s)+eps) | bounded (a+(b-a)sigma(s)) | tanh_clamp | atan_clamp (soft-clamped exp)",
     "model.permutation": "channel mixing between couplings: lu (LU-decomposed 1x1 conv / linear) | conv1x1 "
@@ -46,6 +48,9 @@ HELP: dict[str, str] = {
     "model.logit_alpha": "logit pre-transform y = logit(alpha + (1 - 2 alpha) v) of the dequantised data v in [0, 1); "
                          "its log-det counts in bits/dim; 0 disables it",
     "model.split_prior": "use Glow's learned conditional Gaussian prior for the channels factored out at each split",
+    "model.base": "base distribution p_Z of flows: normal (N(0, I)) | diag_normal (Gaussian with learned mean and "
+                  "scale per latent entry) | mixture (--base-components Gaussians, learned weights, means and scales)",
+    "model.base_components": "number of Gaussians of --base mixture",
     "model.actnorm": "put an ActNorm layer (data-dependent initialisation) at the start of every flow step",
     "model.coeff": "residual flows: Lipschitz coefficient c < 1 enforced on each residual branch by spectral normalisation",
     "model.activation": "residual flows: Lipschitz-1 activation lipswish | elu | softplus",

@@ -1,7 +1,8 @@
 """Readers of local dataset files in their standard formats. Nothing is ever downloaded.
 
 Each dataset's files are taken from the first of its folders that holds all of them
-(``DIR`` is ``DataConfig.data_dir``; ``DIR`` itself is searched last):
+(``DIR`` is ``DataConfig.data_dir``, then the environment variables and a system package's folder
+of :mod:`.locate`; ``DIR`` itself is searched last):
 
 - ``mnist``: ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
   ``t10k-labels-idx1-ubyte``, each optionally ``.gz``; in ``DIR/mnist``, ``DIR/MNIST/raw``, ``DIR``.
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetFormatError, DatasetNotFound, UnsafePickleError
+from .locate import locate
 from .safe_pickle import restricted_load
 from .splits import RawData
 
@@ -56,33 +58,13 @@ GZ_OK = {"mnist": True, "fashion-mnist": True, "cifar10": False, "svhn": False}
 
 
 # ----------------------------------------------------------------------------- finding files
-def _candidates(directory: Path, name: str, gz: bool) -> list[Path]:
-    return [directory / name] + ([directory / (name + ".gz")] if gz else [])
-
-
 def find_files(dataset: str, data_dir: str | Path | None, names: tuple[str, ...]) -> dict[str, Path]:
-    """Paths of ``names`` in the first folder of :data:`SUBDIRS` that holds all of them.
-
-    Raises :class:`DatasetNotFound` naming every expected file, the folders searched and what
-    each lacks.
+    """Paths of ``names`` in the first folder that holds all of them: ``data_dir``, the environment
+    variables, then a system package's folder, each with the sub-folders of :data:`SUBDIRS`
+    (:func:`~.locate.locate`). Raises :class:`DatasetNotFound` naming every expected file, the
+    folders searched, what each lacks and how to get the files.
     """
-    gz = GZ_OK[dataset]
-    expected = ", ".join(names) + (" (each optionally .gz)" if gz else "")
-    hint = "stableflows never downloads data: place the files there and pass their folder as data_dir (--data-dir)."
-    if data_dir is None:
-        raise DatasetNotFound(f"{dataset}: no data_dir given; expected the files {expected}. {hint}")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise DatasetNotFound(f"{dataset}: data_dir {root} does not exist or is not a folder; expected the files {expected}. {hint}")
-    missing_by_dir = []
-    for sub in SUBDIRS[dataset]:
-        d = (root / sub) if sub != "." else root
-        found = {n: next((p for p in _candidates(d, n, gz) if p.is_file()), None) for n in names}
-        if all(found.values()):
-            return found  # type: ignore[return-value]
-        lacks = ", ".join(n for n, p in found.items() if p is None)
-        missing_by_dir.append(f"{d} lacks {lacks}" if d.is_dir() else f"{d} (no such folder)")
-    raise DatasetNotFound(f"{dataset}: expected the files {expected} in one folder; searched: {'; '.join(missing_by_dir)}. {hint}")
+    return locate(dataset, data_dir, names, subdirs=SUBDIRS[dataset], gz=GZ_OK[dataset])
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -1,6 +1,6 @@
 """Evaluation with fixed dequantisation noise, and flows restored from checkpoints.
 
-The evaluation metric is bits/dim (DESIGN.md) on discrete data, with the fixed noise
+The evaluation metric is bits/dim (docs/METRICS.md) on discrete data, with the fixed noise
 ``u = torch.rand(x.shape, generator=Generator().manual_seed(0))`` drawn once for the whole split,
 so the value does not depend on the evaluation batch size and equals
 ``stableflows.metrics.bits_per_dim(flow, x, L, seed=0).mean()``. On continuous data it is the mean
@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError, load_checkpoint, require, resolve_check
 __all__ = ["EVAL_SEED", "EVAL_BATCH", "metric_name", "fixed_noise", "evaluate", "quantize",
            "frozen_rng", "load_flow", "draw_samples"]
 
-EVAL_SEED = 0  # seed of the fixed test-time dequantisation noise (DESIGN.md)
+EVAL_SEED = 0  # seed of the fixed test-time dequantisation noise (docs/METRICS.md)
 EVAL_BATCH = 512  # examples per forward pass during evaluation
 
 

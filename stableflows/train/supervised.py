@@ -14,7 +14,7 @@ steps" count steps through :meth:`set_step` (the loop, or :class:`stableflows.me
 sets it); without it the objective counts its own training-mode calls.
 
 :meth:`evaluate` gives accuracy, cross-entropy and bits/dim of a split with the fixed test-time
-dequantisation noise (DESIGN.md).
+dequantisation noise (docs/METRICS.md).
 """
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def evaluate_classifier(model: nn.Module, x: Tensor, y: Tensor, levels: int | No
     """Accuracy, error, mean cross-entropy and mean bits/dim (nats/dim on continuous data) of a split.
 
     ``x`` holds integer levels for discrete data, dequantised with the fixed noise of ``seed``
-    (DESIGN.md). Non-finite densities are reported as computed; the random streams do not move.
+    (docs/METRICS.md). Non-finite densities are reported as computed; the random streams do not move.
     """
     device = next((p.device for p in model.parameters()), x.device)
     was = model.training
