@@ -105,10 +105,11 @@ class TrainConfig:
     ema_decay: float = 0.999  # Polyak average of the weights used for evaluation (0 disables)
     eval_every: int = 200
     seed: int = 0
-    out_dir: str = "runs/default"
+    out_dir: str | None = None  # None: a new runs/<model>-<data>-<UTC time> per run
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch.set_num_threads
     progress: bool = True
+    log_every: float = 30.0  # seconds between progress lines when stdout is not a terminal
     # objective (stableflows.train.supervised.make_objective for classification / hybrid)
     objective: str = "likelihood"  # likelihood | classification | hybrid
     label_smoothing: float = 0.0

@@ -116,17 +116,18 @@ def test_bad_input_exit_codes(run_dir, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-def test_failure_after_start_exits_1(monkeypatch, tmp_path, capsys):
+def test_failure_after_start_exits_could_not_run(monkeypatch, tmp_path, capsys):
     from stableflows.train import loop
 
-    def diverging_train(cfg, *, resume=False, callbacks=()):
+    def diverging_train(cfg, *, resume=False, overwrite=False, callbacks=()):
         for cb in callbacks:
-            cb("start", {})
+            cb("start", {"out_dir": cfg.train.out_dir, "step": 0})
         raise loop.TrainingDiverged("20 consecutive steps had a non-finite loss")
 
     monkeypatch.setattr(loop, "train", diverging_train)
-    assert main(["train", "--out-dir", str(tmp_path / "d")]) == 1
-    assert "TrainingDiverged" in capsys.readouterr().err
+    assert main(["train", "--out-dir", str(tmp_path / "d")]) == 3  # exitcodes.COULD_NOT_RUN
+    err = capsys.readouterr().err
+    assert "TrainingDiverged" in err and len(err.strip().splitlines()) == 1
 
 
 def test_python_dash_m_entry_point():

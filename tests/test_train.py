@@ -212,9 +212,9 @@ def test_warmup_learning_rate(tmp_path):
     assert lrs == pytest.approx({5: 2.5e-3, 10: 5e-3, 15: 7.5e-3, 20: 1e-2, 25: 1e-2, 30: 1e-2})
 
 
-def test_zero_steps_still_evaluates(tmp_path):
-    res = train(cfg_for(tmp_path, steps=0), model=tiny_flow(), splits=tiny_splits())
-    assert res.steps == 0 and math.isfinite(res.test)
+def test_one_step_trains_and_evaluates(tmp_path):
+    res = train(cfg_for(tmp_path, steps=1), model=tiny_flow(), splits=tiny_splits())
+    assert res.steps == 1 and res.session_steps == 1 and math.isfinite(res.test)
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -392,6 +392,10 @@ def test_bad_data_is_rejected_before_training(tmp_path, corrupt, error):
 @pytest.mark.parametrize("changes, match", [
     ({"lr": 0.0}, "lr"), ({"batch_size": 0}, "batch_size"), ({"ema_decay": 1.0}, "ema_decay"),
     ({"eval_every": 0}, "eval_every"), ({"time_budget": -1.0}, "time_budget"), ({"batch_size": 10**5}, "batch size"),
+    ({"steps": 0}, "train.steps must be >= 1"), ({"weight_decay": math.inf}, "weight_decay must be a finite"),
+    ({"seed": -1}, "train.seed must be >= 0"), ({"seed": 2**32}, r"train.seed must lie in \[0, 2\*\*32\)"),
+    ({"grad_clip": math.nan}, "grad_clip must be a finite"), ({"time_budget": math.inf}, "time_budget must be a finite"),
+    ({"lr": math.inf}, "lr must be a finite"), ({"log_every": 0.0}, "log_every"),
 ])
 def test_bad_options_are_rejected_before_training(tmp_path, changes, match):
     with pytest.raises(ConfigError, match=match):

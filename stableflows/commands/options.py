@@ -22,7 +22,7 @@ __all__ = ["SECTIONS", "HELP", "flag_for", "add_config_arguments", "config_from_
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 FLAG_OVERRIDES = {("data", "name"): "data"}  # (section, field) -> flag name without dashes
 NONE_WORDS = ("none", "null")
-RESERVED_FLAGS = ("config", "resume", "help")  # flags of the commands themselves
+RESERVED_FLAGS = ("config", "resume", "overwrite", "help")  # flags of the commands themselves
 METAVARS = {"model.model": "NAME", "data.name": "NAME", "data.data_dir": "DIR", "train.out_dir": "DIR",
             "train.device": "DEVICE", "train.time_budget": "SECONDS",
             "train.objective": "KIND", "model.head": "KIND", "model.block": "KIND"}
@@ -30,7 +30,9 @@ METAVARS = {"model.model": "NAME", "data.name": "NAME", "data.data_dir": "DIR", 
 # One help string per config field ("section.field"); tests check it is complete.
 HELP: dict[str, str] = {
     # model
-    "model.model": "model family: glow | realnvp | nice | cv_glow (constant-volume Glow) | resflow | iresnet",
+    "model.model": "model family: glow | realnvp | nice | cv_glow (constant-volume Glow) | resflow | iresnet | "
+                   "classifier (invertible classifier, --objective classification) | hybrid (flow + classifier "
+                   "head, --objective hybrid)",
     "model.hidden": "hidden width (channels of CNN conditioners, units of MLP conditioners / residual blocks)",
     "model.levels": "multi-scale levels of image flows (squeeze -> steps -> split per level)",
     "model.steps_per_level": "flow steps (or residual blocks) per level",
@@ -103,10 +105,15 @@ HELP: dict[str, str] = {
     "train.ema_decay": "decay of the exponential moving average of the weights used for evaluation (0 disables)",
     "train.eval_every": "steps between validation evaluations (and checkpoints); also evaluated at the end",
     "train.seed": "random seed of initialisation, batch order, dequantisation noise and the validation split",
-    "train.out_dir": "directory for metrics.jsonl, metrics.json, best.pt, last.pt, samples.png and curve.png",
+    "train.out_dir": "run directory for config.yaml, metrics.jsonl, metrics.json, best.pt, last.pt, samples.png and "
+                     "curve.png; none = a new runs/<model>-<data>-<UTC time>; one holding a run is refused "
+                     "without --resume or --overwrite",
     "train.device": "auto (CUDA when available) | cpu | cuda | cuda:N",
     "train.threads": "CPU threads of PyTorch (torch.set_num_threads); none = PyTorch's default",
-    "train.progress": "show a progress bar with the live training bits/dim (off when stderr is not a terminal)",
+    "train.progress": "a progress bar when stderr is a terminal (its total is the step at which --steps or "
+                      "--time-budget stops the run), one line every --log-every seconds when stdout is not",
+    "train.log_every": "seconds between progress lines (step, loss, bits/dim, steps/s, ETA) when stdout is not a "
+                       "terminal",
     "train.objective": "likelihood (bits/dim of a flow) | classification (cross-entropy of a classifier, "
                        "optionally with FD / NF regularisers) | hybrid (lambda (-log p(x)) - log p(y|x)); "
                        "classification and hybrid need labels and --model classifier or hybrid",
@@ -211,14 +218,23 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
     return cfg
 
 
-def stored_config(out_dir: str | Path) -> RunConfig | None:
+def stored_config(out_dir: str | Path) -> RunConfig:
     """The config stored in ``out_dir/last.pt`` (for ``train --resume`` without ``--config``)."""
-    from ..train.checkpoint import load_checkpoint
+    import warnings
+
+    from ..train.checkpoint import CheckpointError, load_checkpoint
+    from ..train.loop import RunNote, no_checkpoint_message
+    from ..train.rundir import recover
 
     path = Path(out_dir) / "last.pt"
-    if not path.is_file():
-        return None
+    for note in recover(out_dir):
+        warnings.warn(note, RunNote, stacklevel=2)
+    if not path.exists():
+        raise CheckpointError(no_checkpoint_message(Path(out_dir)), path)
+    stored = load_checkpoint(path).get("config")
+    if not isinstance(stored, dict):
+        raise CheckpointError("checkpoint stores no config", path)
     try:
-        return RunConfig.from_dict(load_checkpoint(path)["config"])
-    except KeyError as e:
-        raise ConfigError(f"checkpoint {path} stores no config") from e
+        return RunConfig.from_dict(stored)
+    except ConfigError as e:
+        raise CheckpointError(f"the stored config is unreadable: {e}", path) from e
