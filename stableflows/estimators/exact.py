@@ -42,12 +42,17 @@ def brute_force_jacobian_logdet(g: Callable[[Tensor], Tensor], x: Tensor) -> tup
 
 
 class ExactEstimator(LogDetEstimator):
-    """Exact log-det from the brute-force Jacobian; ``stats["nonpositive_det"]`` counts examples
-    where ``det(I + J_g) <= 0`` (impossible for ``Lip(g) < 1``: the block is not invertible there)."""
+    """Exact log-det from the brute-force Jacobian; ``stats["nonpositive_det"]`` (when asked: tracing,
+    :func:`~stableflows.transforms.base.collect_stats`) counts examples where ``det(I + J_g) <= 0``
+    (impossible for ``Lip(g) < 1``: the block is not invertible there)."""
 
     name = "exact"
 
     def __call__(self, g, x, *, training: bool) -> tuple[Tensor, Tensor]:
         gx, _, sign, logdet = brute_force_jacobian_logdet(g, x)
-        self.stats = {"logdet_terms": 0.0, "nonpositive_det": float((sign <= 0).sum())}
+        self.stats = {"logdet_terms": 0.0}
+        from ..transforms.base import stats_wanted  # here: transforms imports this package
+
+        if stats_wanted():  # a device value: only when asked (transforms/base.py)
+            self.stats["nonpositive_det"] = (sign <= 0).sum().to(x.dtype)
         return gx, logdet

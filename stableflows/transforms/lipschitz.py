@@ -99,22 +99,24 @@ class _LipschitzMixin:
     # ------------------------------------------------------------------ norm of the operator
     def _power_iteration(self, n_min: int, max_iter: int, atol: float | None, rtol: float | None) -> int:
         """Update ``u, v`` in place; return the number of iterations run."""
+        adaptive = atol is not None or rtol is not None  # the stopping test reads the device each iteration
         with torch.no_grad():
             w = self.weight
             u, v = self.u, self.v
-            prev = float(self.sigma)
+            prev = float(self.sigma) if adaptive else 0.0
             it = 0
             while it < max_iter:
                 it += 1
                 v = _normalize(self._rmatvec(w, u))
                 wv = self._matvec(w, v)
-                sigma = float(wv.norm())
                 u = _normalize(wv)
-                if it >= n_min:
-                    if atol is None and rtol is None:
+                if not adaptive:
+                    if it >= n_min:
                         break
-                    if abs(sigma - prev) <= (atol or 0.0) + (rtol or 0.0) * sigma:
-                        break
+                    continue
+                sigma = float(wv.norm())
+                if it >= n_min and abs(sigma - prev) <= (atol or 0.0) + (rtol or 0.0) * sigma:
+                    break
                 prev = sigma
             self.u.copy_(u)
             self.v.copy_(v)
