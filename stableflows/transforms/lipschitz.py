@@ -202,11 +202,11 @@ class LipschitzLinear(_LipschitzMixin, nn.Linear):
 
     @staticmethod
     def _inf_norm(w: Tensor) -> Tensor:
-        return w.abs().sum(dim=1).max()
+        return w.abs().sum(dim=1).amax()  # amax: max()'s backward reads the device
 
     @staticmethod
     def _one_norm(w: Tensor) -> Tensor:
-        return w.abs().sum(dim=0).max()
+        return w.abs().sum(dim=0).amax()  # amax: max()'s backward reads the device
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.normalized_weight(self._update_now()), self.bias)
@@ -262,11 +262,11 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
 
     @staticmethod
     def _inf_norm(w: Tensor) -> Tensor:
-        return w.abs().sum(dim=(1, 2, 3)).max()
+        return w.abs().sum(dim=(1, 2, 3)).amax()  # amax: max()'s backward reads the device
 
     @staticmethod
     def _one_norm(w: Tensor) -> Tensor:
-        return w.abs().sum(dim=(0, 2, 3)).max()
+        return w.abs().sum(dim=(0, 2, 3)).amax()  # amax: max()'s backward reads the device
 
     def _init_vectors(self, hw: Sequence[int]) -> None:
         gen = torch.Generator().manual_seed(_POWER_INIT_SEED)
