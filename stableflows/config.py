@@ -75,8 +75,10 @@ class ModelConfig:
     eval_exact_terms: int = 20  # exact terms of the roulette estimator in evaluation mode (paper: 20)
     mlp_layers: int = 3  # normalised linear layers per residual branch of vector models
     fc_hidden: int = 0  # width of the fully connected blocks after the last scale (0: hidden)
-    power_atol: float = 1e-6  # adaptive power iteration stops when sigma changes by < atol + rtol * sigma
-    power_rtol: float = 1e-4
+    # None: n_power_iter iterations per step, no device read; a number: adaptive, stops when sigma
+    # changes by < atol + rtol * sigma (one device read per iteration)
+    power_atol: float | None = None
+    power_rtol: float | None = None
     max_power_iter: int = 100  # cap of the power iteration per training step
     inverse_atol: float = 1e-6  # fixed-point inverse of residual blocks: tolerances and iteration cap
     inverse_rtol: float = 1e-6

@@ -80,7 +80,8 @@ HELP: dict[str, str] = {
     "model.eval_exact_terms": "residual flows: exact power-series terms of the roulette estimator in evaluation mode (paper: 20)",
     "model.mlp_layers": "residual flows: normalised linear layers per residual branch of vector models",
     "model.fc_hidden": "residual flows: width of the fully connected blocks after the last scale (0: same as --hidden)",
-    "model.power_atol": "residual flows: the adaptive power iteration stops when sigma changes by less than atol + rtol * sigma",
+    "model.power_atol": "residual flows: adaptive power iteration, stop when sigma changes by less than atol + rtol * sigma "
+                        "(one device read per iteration); none: exactly --n-power-iter iterations per step",
     "model.power_rtol": "residual flows: relative tolerance of the adaptive power iteration (see --power-atol)",
     "model.max_power_iter": "residual flows: cap on power iterations per training step (at least --n-power-iter run)",
     "model.inverse_atol": "residual flows: absolute tolerance of the fixed-point inverse of every block",

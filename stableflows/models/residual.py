@@ -31,8 +31,10 @@ ignored for ``D = 2``). Switching a model to evaluation mode re-converges the po
 every normalised layer for the current weights (:meth:`ResidualFlowModel.train`), so averaged (EMA)
 or loaded weights are normalised by their own norm, not by the vectors of other weights.
 
-Power iteration: ``n_power_iter`` is the *minimum* per training step; it continues until the norm
-changes by less than ``power_atol + power_rtol * sigma`` (at most ``max_power_iter``).
+Power iteration: ``n_power_iter`` iterations per training step from the persisted vectors (Miyato et
+al. 2018), reading nothing from the device. With a tolerance ``power_atol`` / ``power_rtol`` it is the
+*minimum*, and the iteration continues until the norm changes by less than
+``power_atol + power_rtol * sigma`` (at most ``max_power_iter``; one device read per iteration).
 """
 from __future__ import annotations
 
@@ -42,8 +44,7 @@ from typing import Sequence
 from ..config import ModelConfig
 from ..transforms.base import Compose, ShapeError, Transform
 from ..transforms.elementwise import Logit
-from ..transforms.lipschitz import (DEFAULT_COEFF, DEFAULT_MAX_POWER_ITER, DEFAULT_POWER_ATOL, DEFAULT_POWER_RTOL,
-                                    NORMS, RefreshOnEval)
+from ..transforms.lipschitz import DEFAULT_COEFF, DEFAULT_MAX_POWER_ITER, NORMS, RefreshOnEval
 from ..transforms.multiscale import Flatten, MultiScale, SplitPrior
 from ..transforms.normalization import ActNorm
 from ..transforms.reshape import Squeeze
@@ -164,8 +165,8 @@ def resflow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, 
             activation: str = "lipswish", norm: str = "spectral", estimator: str = "roulette",
             n_exact_terms: int = 2, eval_exact_terms: int = 20, n_samples: int = 1, dist: str = "geometric",
             p: float | None = None, probe: str = "gaussian", n_series_terms: int = 5, neumann_grad: bool = True,
-            grad_in_forward: bool = True, n_power_iter: int = 1, power_atol: float | None = DEFAULT_POWER_ATOL,
-            power_rtol: float | None = DEFAULT_POWER_RTOL, max_power_iter: int = DEFAULT_MAX_POWER_ITER,
+            grad_in_forward: bool = True, n_power_iter: int = 1, power_atol: float | None = None,
+            power_rtol: float | None = None, max_power_iter: int = DEFAULT_MAX_POWER_ITER,
             fc_blocks: int = 0, fc_hidden: int | None = None, factor_out: bool = False, mlp_layers: int = MLP_LAYERS,
             inverse_atol: float = DEFAULT_INVERSE_ATOL, inverse_rtol: float = DEFAULT_INVERSE_RTOL,
             inverse_max_iter: int = DEFAULT_INVERSE_MAX_ITER, strict: bool = False, config=None) -> Flow:
@@ -182,7 +183,8 @@ def resflow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, 
         estimator: ``exact`` | ``series`` | ``roulette``; ``n_exact_terms``, ``eval_exact_terms``,
             ``n_samples``, ``dist``, ``p``, ``probe``, ``n_series_terms``, ``neumann_grad``,
             ``grad_in_forward`` configure it (:func:`stableflows.estimators.make_estimator`).
-        n_power_iter, power_atol, power_rtol, max_power_iter: adaptive power iteration per training step.
+        n_power_iter, power_atol, power_rtol, max_power_iter: power iterations per training step (adaptive
+            with a tolerance; module docstring).
         fc_blocks, fc_hidden: fully connected blocks after the last scale (images), their width (default ``hidden``).
         factor_out: factor out half the channels after each squeeze (images).
         mlp_layers: normalised linear layers per branch of vector models.
@@ -197,8 +199,8 @@ def iresnet(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, 
             estimator: str = IRESNET_DEFAULTS["estimator"], n_exact_terms: int = 2, eval_exact_terms: int = 20,
             n_samples: int = 1, dist: str = "geometric", p: float | None = None, probe: str = "gaussian",
             n_series_terms: int = 5, neumann_grad: bool = True, grad_in_forward: bool = True,
-            n_power_iter: int = 1, power_atol: float | None = DEFAULT_POWER_ATOL,
-            power_rtol: float | None = DEFAULT_POWER_RTOL, max_power_iter: int = DEFAULT_MAX_POWER_ITER,
+            n_power_iter: int = 1, power_atol: float | None = None,
+            power_rtol: float | None = None, max_power_iter: int = DEFAULT_MAX_POWER_ITER,
             fc_blocks: int = 0, fc_hidden: int | None = None, factor_out: bool = False, mlp_layers: int = MLP_LAYERS,
             inverse_atol: float = DEFAULT_INVERSE_ATOL, inverse_rtol: float = DEFAULT_INVERSE_RTOL,
             inverse_max_iter: int = DEFAULT_INVERSE_MAX_ITER, strict: bool = False, config=None) -> Flow:

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, RunConfig
 from ..metrics import check_levels
-from ..transforms.base import InputOutsideDomain, ShapeError, StableflowsError, check_finite, check_shape
+from ..transforms.base import InputOutsideDomain, ShapeError, StableflowsError, check_finite, check_shape, validation
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, require, save_checkpoint
 from .distributed import DistEnv, evaluate_sharded, rank_seed
 from .distributed import setup as setup_distributed
@@ -862,7 +862,8 @@ def _run(tr: _Trainer, resumed: bool = False) -> TrainResult:
         try:
             while not done():
                 t0 = time.perf_counter()
-                tr.train_step()
+                with validation(False):  # every split was validated before the first step: no device reads
+                    tr.train_step()
                 if tr.device.type == "cuda":
                     torch.cuda.synchronize(tr.device)
                 dt = time.perf_counter() - t0

@@ -99,22 +99,24 @@ class _LipschitzMixin:
     # ------------------------------------------------------------------ norm of the operator
     def _power_iteration(self, n_min: int, max_iter: int, atol: float | None, rtol: float | None) -> int:
         """Update ``u, v`` in place; return the number of iterations run."""
+        adaptive = atol is not None or rtol is not None  # the stopping test reads the device each iteration
         with torch.no_grad():
             w = self.weight
             u, v = self.u, self.v
-            prev = float(self.sigma)
+            prev = float(self.sigma) if adaptive else 0.0
             it = 0
             while it < max_iter:
                 it += 1
                 v = _normalize(self._rmatvec(w, u))
                 wv = self._matvec(w, v)
-                sigma = float(wv.norm())
                 u = _normalize(wv)
-                if it >= n_min:
-                    if atol is None and rtol is None:
+                if not adaptive:
+                    if it >= n_min:
                         break
-                    if abs(sigma - prev) <= (atol or 0.0) + (rtol or 0.0) * sigma:
-                        break
+                    continue
+                sigma = float(wv.norm())
+                if it >= n_min and abs(sigma - prev) <= (atol or 0.0) + (rtol or 0.0) * sigma:
+                    break
                 prev = sigma
             self.u.copy_(u)
             self.v.copy_(v)
@@ -200,11 +202,11 @@ class LipschitzLinear(_LipschitzMixin, nn.Linear):
 
     @staticmethod
     def _inf_norm(w: Tensor) -> Tensor:
-        return w.abs().sum(dim=1).max()
+        return w.abs().sum(dim=1).amax()  # amax: max()'s backward reads the device
 
     @staticmethod
     def _one_norm(w: Tensor) -> Tensor:
-        return w.abs().sum(dim=0).max()
+        return w.abs().sum(dim=0).amax()  # amax: max()'s backward reads the device
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.normalized_weight(self._update_now()), self.bias)
@@ -260,11 +262,11 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
 
     @staticmethod
     def _inf_norm(w: Tensor) -> Tensor:
-        return w.abs().sum(dim=(1, 2, 3)).max()
+        return w.abs().sum(dim=(1, 2, 3)).amax()  # amax: max()'s backward reads the device
 
     @staticmethod
     def _one_norm(w: Tensor) -> Tensor:
-        return w.abs().sum(dim=(0, 2, 3)).max()
+        return w.abs().sum(dim=(0, 2, 3)).amax()  # amax: max()'s backward reads the device
 
     def _init_vectors(self, hw: Sequence[int]) -> None:
         gen = torch.Generator().manual_seed(_POWER_INIT_SEED)
