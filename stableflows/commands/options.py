@@ -44,14 +44,26 @@ HELP: dict[str, str] = {
     "model.logit_alpha": "logit pre-transform y = logit(alpha + (1 - 2 alpha) v) of the dequantised data v in [0, 1); "
                          "its log-det counts in bits/dim; 0 disables it",
     "model.split_prior": "use Glow's learned conditional Gaussian prior for the channels factored out at each split",
-    "model.actnorm": "put an ActNorm layer (data-dependent initialisation) at the start of every flow step",
-    "model.coeff": "residual flows: Lipschitz coefficient c < 1 enforced on each residual branch by spectral normalisation",
-    "model.activation": "residual flows: Lipschitz-1 activation lipswish | elu | softplus",
+    "model.actnorm": "put an ActNorm layer (data-dependent initialisation) at the start of every flow step; "
+                     "not given: on, except residual flows on 2-D toys (their blocks then see the data's own scale)",
+    "model.split_condition": "glow: which half of the last coupling before each split is its conditioner input: "
+                             "kept (the half that continues, Glow's code) | factored (the factored-out half, "
+                             "Daniels 2019 Fig. 2: the noise feeds the next coupling's conditioner when sampling)",
+    "model.split_shuffle": "glow: a fixed random channel permutation between each level's last coupling and its "
+                           "split (Daniels' randomized splits)",
+    "model.scale_floor": "glow / realnvp: lower bound of the scale: eps of biased_sigmoid (default 0.5), a of bounded "
+                         "(default 0.5); not given: the default",
+    "model.coeff": "residual flows: Lipschitz coefficient c < 1 enforced on each residual branch by spectral "
+                   "normalisation; not given: 0.98 (resflow, hybrid), 0.9 (iresnet)",
+    "model.activation": "residual flows: Lipschitz-1 activation lipswish | elu | softplus; not given: lipswish "
+                        "(resflow, hybrid), elu (iresnet)",
     "model.estimator": "residual flows: log-det estimator exact (brute force, small D) | series (truncated "
-                       "power series, i-ResNet) | roulette (unbiased Russian roulette, Residual Flows)",
+                       "power series, i-ResNet) | roulette (unbiased Russian roulette, Residual Flows); "
+                       "not given: roulette (resflow, hybrid), series (iresnet)",
     "model.n_exact_terms": "residual flows: power-series terms always computed before the Russian roulette",
     "model.n_series_terms": "residual flows: terms of the truncated log-det power series (i-ResNet)",
-    "model.n_power_iter": "residual flows: power iterations per spectral-norm update",
+    "model.n_power_iter": "residual flows: minimum power iterations per spectral-norm update (continued adaptively); "
+                          "not given: 1 (resflow, iresnet), 5 (hybrid)",
     "model.neumann_grad": "residual flows: estimate the log-det gradient with the Neumann series (saves memory)",
     "model.grad_in_forward": "residual flows: compute the log-det gradient during the forward pass (saves memory)",
     "model.fc_blocks": "residual flows: fully connected residual blocks appended after the convolutional ones",

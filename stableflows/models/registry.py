@@ -24,13 +24,16 @@ def register_model(name: str, factory: Callable) -> None:
 
 def build_model(cfg: ModelConfig, shape: Sequence[int]):
     """Build the model ``cfg.model`` for data of event shape ``shape``; the factory receives the
-    config fields it accepts, and the returned flow carries ``cfg`` as ``.config``."""
+    config fields it accepts that are set (a field left at None means "not given": the factory's
+    own default applies, e.g. ``coeff`` 0.98 for ``resflow`` and 0.9 for ``iresnet``), and the
+    returned flow carries ``cfg`` as ``.config``."""
     _load_optional()
     if cfg.model not in MODELS:
         raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(sorted(MODELS))}")
     factory = MODELS[cfg.model]
     params = inspect.signature(factory).parameters
-    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in params}
+    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if f.name in params and getattr(cfg, f.name) is not None}
     return factory(shape=tuple(shape), config=cfg, **kwargs)
 
 
