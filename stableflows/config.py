@@ -116,6 +116,7 @@ class TrainConfig:
     fd_inverse: float = 0.0  # weight of the inverse finite-difference penalty (0 disables)
     fd_eps: float = 0.1  # finite-difference step; the penalty is ||F(x + eps d) - F(x)||^2 / eps^2
     fd_every: int = 10  # apply the FD penalties every k-th step
+    fd_mode: str = "fd"  # fd (finite differences, exploding rows through a bounded surrogate) | jvp (exact ||J d||^2)
     nf_weight: float = 0.0  # weight of the normalizing-flow objective (bits/dim) as a regulariser
     # memory-saving gradients: check against stored activations (stableflows.memory.GradientGuard)
     angle_every: int = 0  # log the gradient angle every k steps (0: never)

@@ -124,6 +124,8 @@ HELP: dict[str, str] = {
                         "||F^-1(z + eps d) - F^-1(z)||^2 / eps^2 at z = F(x); 0 disables",
     "train.fd_eps": "finite-difference step eps of --fd-forward / --fd-inverse",
     "train.fd_every": "apply the finite-difference penalties every k-th step",
+    "train.fd_mode": "fd (finite differences; a row that explodes at the moved point enters through log1p of its "
+                     "penalty at a halved step) | jvp (the exact ||J d||^2 by double backward, stored activations)",
     "train.nf_weight": "classification: weight of the normalizing-flow objective (bits/dim, nats/dim on "
                        "continuous data) as a regulariser; 0 disables",
     "train.angle_every": "memory saving: every k steps also compute the stored-activation gradient and log the "
