@@ -68,7 +68,8 @@ HELP: dict[str, str] = {
     "model.grad_in_forward": "residual flows: compute the log-det gradient during the forward pass (saves memory)",
     "model.fc_blocks": "residual flows: fully connected residual blocks appended after the convolutional ones",
     "model.factor_out": "residual flows: factor out half the channels at each level (multi-scale)",
-    "model.norm": "residual flows: normalisation of weights: spectral (2-norm) | inf (induced infinity-norm)",
+    "model.norm": "residual flows: normalisation of weights: spectral (2-norm) | inf (induced infinity-norm) | "
+                  "one (induced 1-norm) | mixed (induced mixed p->q norms with learned orders in (1.5, 2.5), vectors)",
     "model.n_classes": "classifier / hybrid: number of classes of the head",
     "model.head": "classifier / hybrid: head on the latent: linear | mlp | bn_relu (flatten, BatchNorm, ReLU, "
                   "linear) | conv (3x3 conv, ReLU, global average pool, linear)",

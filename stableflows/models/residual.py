@@ -49,7 +49,7 @@ from typing import Sequence
 from ..transforms.base import Compose, ShapeError, Transform
 from ..transforms.elementwise import Logit
 from ..transforms.lipschitz import (DEFAULT_COEFF, DEFAULT_MAX_POWER_ITER, DEFAULT_POWER_ATOL, DEFAULT_POWER_RTOL,
-                                    NORMS, RefreshOnEval)
+                                    NORMS, RefreshOnEval, chain_orders)
 from ..transforms.multiscale import Flatten, MultiScale, SplitPrior
 from ..transforms.normalization import ActNorm
 from ..transforms.reshape import Squeeze
@@ -86,6 +86,9 @@ def _check(shape, *, levels, steps_per_level, hidden, fc_blocks, coeff, logit_al
         raise ValueError(f"logit_alpha must lie in [0, 0.5), got {logit_alpha}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    if norm == "mixed" and len(shape) != 1:
+        raise ValueError("norm='mixed' (induced mixed norms with learned orders) is implemented for vector "
+                         "models (fully connected blocks), not for convolutions")
     from ..transforms.activations import ACTIVATIONS
 
     if activation not in ACTIVATIONS:
@@ -160,7 +163,8 @@ def _build(*, shape, levels, steps_per_level, hidden, logit_alpha, actnorm, coef
         d = shape[0]
 
         def mlp_g():
-            return mlp_lipschitz(d, hidden, n_layers=mlp_layers, **lip_kw)
+            g = mlp_lipschitz(d, hidden, n_layers=mlp_layers, **lip_kw)
+            return chain_orders(g) if norm == "mixed" else g  # p_0 -> p_1 -> ... -> p_0 (002 app. D eq. 17)
 
         body = _stack(shape, levels * steps_per_level, mlp_g, actnorm, block_kw)
         return ResidualFlowModel(Compose(pre + body), shape, shape, config=config)
@@ -180,7 +184,8 @@ _COMMON_ARGS = """
             2-D vectors (the toy densities), see the module docstring.
         coeff: Lipschitz bound ``c`` of every normalised layer. None: {coeff}.
         activation: ``lipswish`` | ``elu`` | ``softplus``. None: {activation}.
-        norm: ``spectral`` | ``inf`` | ``one`` (induced norms, :mod:`stableflows.transforms.lipschitz`).
+        norm: ``spectral`` | ``inf`` | ``one`` | ``mixed`` (induced norms, :mod:`stableflows.transforms.lipschitz`;
+            ``mixed``: induced mixed norms with learned orders chained through each branch, vectors only).
         estimator: log-det estimator ``exact`` | ``series`` | ``roulette``. None: {estimator}.
         n_exact_terms, eval_exact_terms, n_samples, dist, p, probe, n_series_terms, neumann_grad,
             grad_in_forward: options of the estimator (:func:`stableflows.estimators.make_estimator`):
