@@ -81,7 +81,7 @@ INIT_BATCH = 512  # examples of the data-dependent (ActNorm) initialisation forw
 SEED_OFFSETS = {"sample": 1, "noise": 2, "init": 3}  # dedicated generators: seed + offset
 # train fields that change the trajectory: a resumed run must keep them
 TRAJECTORY_FIELDS = ("batch_size", "lr", "weight_decay", "warmup", "grad_clip", "ema_decay", "seed", "objective",
-                     "label_smoothing", "fd_forward", "fd_inverse", "fd_eps", "fd_every", "nf_weight",
+                     "label_smoothing", "fd_forward", "fd_inverse", "fd_eps", "fd_every", "fd_mode", "nf_weight",
                      "fallback", "max_angle", "max_rel_error")
 INTERMITTENT = ("fd_", "nf_")  # logs of regularizers applied every k steps (averaged over the steps they ran)
 Callback = Callable[[str, dict], None]
@@ -153,7 +153,7 @@ def build_objective(cfg: RunConfig) -> Objective:
 
     try:
         return make_objective(t.objective, fd_forward=t.fd_forward, fd_inverse=t.fd_inverse, fd_eps=t.fd_eps,
-                              fd_every=t.fd_every, nf_weight=t.nf_weight, lam=None,
+                              fd_every=t.fd_every, fd_mode=t.fd_mode, nf_weight=t.nf_weight, lam=None,
                               label_smoothing=t.label_smoothing)
     except ValueError as e:
         raise ConfigError(str(e)) from e
