@@ -362,7 +362,7 @@ def test_run_one_at_28x28_with_a_tiny_budget():
     assert math.isfinite(r["test_bpd_selected"]) and 0 < r["test_bpd_selected"] < 16
     assert r["reconstruction"]["test"]["n"] == 24 and all(r["reconstruction"][f]["n"] == 8 for f in
                                                          harness.OOD_BENCH_FAMILIES)
-    # the selected weights' test bpd is the DESIGN.md bits/dim with 256 levels and the fixed noise
+    # the selected weights' test bpd is the docs/METRICS.md bits/dim with 256 levels and the fixed noise
     from stableflows.train.evaluate import fixed_noise
 
     x, u = splits.test.double(), fixed_noise(tuple(splits.test.shape)).double()

@@ -516,19 +516,26 @@ def mixed_norm_step(matvec, rmatvec, v: Tensor, p: Tensor, q: Tensor) -> tuple[T
 
 def mixed_power_iteration(matvec, rmatvec, v: Tensor, p: Tensor, q: Tensor, *, n_min: int = 1,
                           max_iter: int = DEFAULT_MAX_POWER_ITER, atol: float | None = DEFAULT_POWER_ATOL,
-                          rtol: float | None = DEFAULT_POWER_RTOL) -> tuple[Tensor, float, int]:
+                          rtol: float | None = DEFAULT_POWER_RTOL) -> tuple[Tensor, float | Tensor, int]:
     """Iterate :func:`mixed_norm_step` without gradients until the estimate changes by at most
     ``atol + rtol * sigma`` (at least ``n_min`` steps, at most ``max_iter``); ``(v, sigma, steps)``.
+    With ``atol = rtol = None``: exactly ``n_min`` steps and ``sigma`` a 0-d tensor (no device read).
     The estimate never decreases (the step maximises a convex function's linearisation)."""
     with torch.no_grad():
         p, q = p.detach(), q.detach()
         v = v / _pnorm(v, p).clamp_min(DUAL_EPS)
+        adaptive = atol is not None or rtol is not None
         prev, sigma, it = -math.inf, 0.0, 0
         while it < max_iter:
             it += 1
             v, s = mixed_norm_step(matvec, rmatvec, v, p, q)
+            if not adaptive:  # a fixed number of steps: no device read (the estimate stays a tensor)
+                if it >= n_min:
+                    sigma = s
+                    break
+                continue
             sigma = float(s)
-            if it >= n_min and (atol is None and rtol is None or abs(sigma - prev) <= (atol or 0.0) + (rtol or 0.0) * sigma):
+            if it >= n_min and abs(sigma - prev) <= (atol or 0.0) + (rtol or 0.0) * sigma:
                 break
             prev = sigma
     return v, sigma, it
