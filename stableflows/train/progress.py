@@ -126,7 +126,10 @@ class Progress:
         print(" | ".join(parts), file=self.out, flush=True)
         self.last_line = self.clock()
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
         if self.bar is not None:
+            if finished and self.budget is not None and self.bar.n != self.bar.total:  # the budget stopped it
+                self.bar.total = self.bar.n
+                self.bar.refresh()
             self.bar.close()
             self.bar = None
