@@ -199,6 +199,7 @@ def test_sigkill_during_and_between_checkpoint_writes_then_resume_bit_exact(refe
     rc, _, err = finish(p)
     assert rc == -signal.SIGKILL, err
     assert load_checkpoint(d / "last.pt")["step"] == 10  # the first checkpoint survived
+    assert (d / ".lock").is_file()  # the dead process's lock file: the resume below takes it
     tmp = [f.name for f in d.iterdir() if f.name.endswith(".tmp")]
     assert bool(tmp) == before
     assert main(["train", "--resume", "--out-dir", str(d), "--steps", str(STEPS), "--no-progress"]) == 0

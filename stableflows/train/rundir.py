@@ -151,7 +151,8 @@ class _Lock:
         self.fd = fd
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         except OSError:  # the owner line is only for messages
             pass
 
@@ -167,7 +168,8 @@ class _Lock:
 
 def _read_owner(fd: int) -> str:
     try:
-        pid, _, host = os.pread(fd, 200, 0).decode("utf-8", "replace").strip().partition(" ")
+        os.lseek(fd, 0, os.SEEK_SET)
+        pid, _, host = os.read(fd, 200).decode("utf-8", "replace").strip().partition(" ")
     except OSError:
         return ""
     return f" (pid {pid}{' on ' + host if host else ''})" if pid.isdigit() else ""
