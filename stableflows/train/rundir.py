@@ -8,7 +8,7 @@
    is never stale); a second training of the same directory is refused while the first runs;
 2. remove the temporary files (``.NAME.*.tmp``) that a kill during an atomic write left behind,
    and finish an interrupted ``--overwrite`` (below);
-3. refuse a directory that holds anything (``.lock`` aside) unless the run resumes it, or
+3. refuse a directory that holds anything (hidden files aside) unless the run resumes it, or
    ``overwrite`` is given *and* it holds a stableflows run (a folder of other files is never
    overwritten);
 4. write and remove a probe file (the file system takes writes).
@@ -73,9 +73,8 @@ def stale_temporaries(out: Path) -> list[Path]:
 
 
 def _entries(out: Path) -> list[str]:
-    """What ``out`` holds besides the lock, the probe and stale temporaries."""
-    skip = {LOCK_NAME, PROBE_NAME}
-    return sorted(p.name for p in out.iterdir() if p.name not in skip and not _TMP.match(p.name))
+    """What ``out`` holds besides hidden files (the lock, stale temporaries, ``.DS_Store`` ...)."""
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
 
 
 def _holds_run(out: Path) -> bool:
@@ -94,7 +93,7 @@ def check_reusable(out: str | os.PathLike, *, overwrite: bool) -> None:
         names = _entries(out)
     except OSError as e:
         raise RunDirError(f"cannot read run directory {out}: {e.strerror or e}") from e
-    if not names or names == [REPLACED_NAME]:
+    if not names:
         return
     shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
     if not _holds_run(out):
