@@ -45,3 +45,28 @@ def test_readme_build_snippet_runs():
     """The README's "Build" code block, executed as a user pastes it."""
     block = re.search(r"```python\n(.*?)```", _section("Build"), re.S).group(1)
     exec(compile(block, "README.md (Build)", "exec"), {})
+
+
+def test_readme_load_flow_snippet_runs_on_a_trained_run(tmp_path):
+    """The README's ``load_flow`` block, on a run trained here (its path in place of runs/demo)."""
+    from stableflows.config import RunConfig
+    from stableflows.train import train
+
+    cfg = RunConfig().replace("model", hidden=4, levels=1, steps_per_level=1).replace(
+        "train", steps=2, eval_every=2, out_dir=str(tmp_path / "demo"), progress=False)
+    train(cfg)
+    blocks = re.findall(r"```python\n(.*?)```", _section("Build"), re.S)
+    (block,) = [b for b in blocks if "load_flow(" in b]
+    assert '"runs/demo"' in block
+    env: dict = {}
+    exec(compile(block.replace('"runs/demo"', repr(str(tmp_path / "demo"))), "README.md (load_flow)", "exec"), env)
+    assert env["ckpt"]["kind"] == "best" and env["ckpt"]["config"]["model"]["hidden"] == 4
+    assert not env["flow"].training
+
+
+def test_package_ships_py_typed():
+    import tomllib
+
+    assert (ROOT / "stableflows" / "py.typed").is_file()
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in data["stableflows"]

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, RunConfig
 from ..metrics import check_levels
-from ..transforms.base import InputOutsideDomain, ShapeError, StableflowsError, check_finite, check_shape
+from ..transforms.base import InputOutsideDomain, ShapeError, StableflowsError, check_finite, check_shape, validation
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, require, save_checkpoint
 from .distributed import DistEnv, evaluate_sharded, rank_seed
 from .distributed import setup as setup_distributed
@@ -81,7 +81,7 @@ INIT_BATCH = 512  # examples of the data-dependent (ActNorm) initialisation forw
 SEED_OFFSETS = {"sample": 1, "noise": 2, "init": 3}  # dedicated generators: seed + offset
 # train fields that change the trajectory: a resumed run must keep them
 TRAJECTORY_FIELDS = ("batch_size", "lr", "weight_decay", "warmup", "grad_clip", "ema_decay", "seed", "objective",
-                     "label_smoothing", "fd_forward", "fd_inverse", "fd_eps", "fd_every", "nf_weight",
+                     "label_smoothing", "fd_forward", "fd_inverse", "fd_eps", "fd_every", "fd_mode", "nf_weight",
                      "fallback", "max_angle", "max_rel_error")
 INTERMITTENT = ("fd_", "nf_")  # logs of regularizers applied every k steps (averaged over the steps they ran)
 Callback = Callable[[str, dict], None]
@@ -153,7 +153,7 @@ def build_objective(cfg: RunConfig) -> Objective:
 
     try:
         return make_objective(t.objective, fd_forward=t.fd_forward, fd_inverse=t.fd_inverse, fd_eps=t.fd_eps,
-                              fd_every=t.fd_every, nf_weight=t.nf_weight, lam=None,
+                              fd_every=t.fd_every, fd_mode=t.fd_mode, nf_weight=t.nf_weight, lam=None,
                               label_smoothing=t.label_smoothing)
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -863,7 +863,8 @@ def _run(tr: _Trainer, resumed: bool = False) -> TrainResult:
         try:
             while not done():
                 t0 = time.perf_counter()
-                tr.train_step()
+                with validation(False):  # every split was validated before the first step: no device reads
+                    tr.train_step()
                 if tr.device.type == "cuda":
                     torch.cuda.synchronize(tr.device)
                 dt = time.perf_counter() - t0
