@@ -131,6 +131,11 @@ def test_a_folder_that_holds_no_run_is_never_overwritten(tmp_path, capsys):
     assert main(["train", *TINY, "--steps", "5", "--out-dir", str(d), "--overwrite"]) == USAGE
     assert "holds no stableflows run" in capsys.readouterr().err
     assert sorted(os.listdir(d)) == ["thesis.tex"]
+    fresh = tmp_path / "fresh"  # hidden files (a desktop's .DS_Store) do not make a folder non-empty
+    fresh.mkdir()
+    (fresh / ".DS_Store").write_bytes(b"\0")
+    assert main(["train", *TINY, "--steps", "3", "--eval-every", "3", "--out-dir", str(fresh)]) == 0
+    assert (fresh / ".DS_Store").read_bytes() == b"\0"
 
 
 def test_shared_run_dir_sigint_and_resume_bit_exact(tmp_path, capsys):
@@ -199,6 +204,7 @@ def test_sigkill_during_and_between_checkpoint_writes_then_resume_bit_exact(refe
     rc, _, err = finish(p)
     assert rc == -signal.SIGKILL, err
     assert load_checkpoint(d / "last.pt")["step"] == 10  # the first checkpoint survived
+    assert (d / ".lock").is_file()  # the dead process's lock file: the resume below takes it
     tmp = [f.name for f in d.iterdir() if f.name.endswith(".tmp")]
     assert bool(tmp) == before
     assert main(["train", "--resume", "--out-dir", str(d), "--steps", str(STEPS), "--no-progress"]) == 0

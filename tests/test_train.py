@@ -366,6 +366,10 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path):
     for name in ("last.pt", "best.pt"):
         s = load_checkpoint(tmp_path / "run" / name)
         assert s["step"] == 10 and all(bool(torch.isfinite(t).all()) for t in s["model"].values())
+    import fcntl
+
+    with open(tmp_path / "run" / ".lock") as f:  # the run directory's lock was released on the error path
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     # poisoned before the first checkpoint: nothing is written and nothing is called good
     with pytest.raises(TrainingDiverged, match="No checkpoint of this run was written"):
         train(cfg_for(tmp_path, "early", steps=40), model=tiny_flow(), splits=tiny_splits(), objective=PoisonObjective(3))

@@ -858,6 +858,10 @@ def _run(tr: _Trainer, resumed: bool = False) -> TrainResult:
         cb("start", {"step": tr.step, "out_dir": str(tr.out), "resumed": resumed})
     progress = Progress(steps=t.steps, time_budget=t.time_budget, start_step=tr.step,
                         enabled=t.progress and tr.env.is_main, log_every=t.log_every, metric=tr.metric)
+    last_eval = next((r for r in reversed(tr.history) if r.get("kind") == "eval"), None)
+    if last_eval is not None and last_eval.get(f"val_{tr.metric}") is not None:  # a resumed run
+        progress.val = (int(last_eval["step"]), float(last_eval[f"val_{tr.metric}"]))
+    finished = False
     with _StopOnSignal() as stop:
         try:
             while not done():
@@ -877,10 +881,11 @@ def _run(tr: _Trainer, resumed: bool = False) -> TrainResult:
                     progress.evaluated(tr.step, rec[f"val_{tr.metric}"])
                 if tr.env.any(stop.name is not None):
                     raise _interrupted(tr, stop.name or "SIGTERM")
+            finished = True
             if tr.last_eval_step != tr.step:
                 tr.evaluate_and_checkpoint(rate())
         finally:
-            progress.close()
+            progress.close(finished)
     if session_steps == 0:  # nothing trained (a finished run resumed): keep the rate of the last session
         last = next((r for r in reversed(tr.history) if r.get("kind") == "eval"), {})
         return _finish(tr, float(last.get("steps_per_s") or 0.0), 0)
