@@ -34,7 +34,7 @@ class ConfigError(StableflowsError, ValueError):
 class ModelConfig:
     """Architecture. Each factory in :mod:`stableflows.models` reads the fields it accepts."""
 
-    model: str = "glow"  # glow | realnvp | nice | cv_glow | resflow | iresnet | ...
+    model: str = "glow"  # glow | realnvp | nice | cv_glow | resflow | iresnet | cinn | ...
     hidden: int = 64  # width of conditioner / residual-block hidden layers
     levels: int = 2  # multi-scale levels (images)
     steps_per_level: int = 4  # flow steps (or residual blocks) per level
@@ -51,6 +51,7 @@ class ModelConfig:
     scale_floor: float | None = None  # lower bound of biased_sigmoid (eps) / bounded (a) scales; None: default
     base: str = "normal"  # base distribution of flows: normal (N(0, I)) | diag_normal | mixture (learned parameters)
     base_components: int = 10  # Gaussians of the mixture base
+    context_features: int | None = None  # cinn: size of the context vector; None: n_classes (one-hot labels)
     # residual flows. None = "not given": the model's default (resflow / hybrid: 0.98, lipswish,
     # roulette, 1 / 5 power iterations; iresnet: 0.9, elu, series, 1)
     coeff: float | None = None  # Lipschitz coefficient c of spectral normalisation

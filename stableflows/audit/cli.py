@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..config import ConfigError, RunConfig
     from ..data import load_dataset
+    from .conditional import label_contexts
     from ..train.checkpoint import resolve_checkpoint
     from ..train.evaluate import load_flow
     from ..train.loop import resolve_device
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         attack_kwargs=dict(constraints=constraints, examples=args.attack_examples, steps=args.attack_steps,
                            step_size=args.step_size, eps=args.eps, widen=args.widen,
                            fixed_point_iterations=args.fixed_point_iterations, seed=args.seed),
-        temperatures=args.temperatures, clip_thresholds=args.clip, seed=args.seed)
+        temperatures=args.temperatures, clip_thresholds=args.clip, seed=args.seed,
+        **label_contexts(flow, splits, args.split))  # a conditional flow (cinn): the labels as contexts
     report.meta.update(checkpoint=str(path), data=splits.name, split=args.split, step=ckpt.get("step"))
     out = Path(args.report) if args.report else (path.parent / "audit")
     out.mkdir(parents=True, exist_ok=True)

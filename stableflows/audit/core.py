@@ -347,7 +347,8 @@ def audit(model, data: Tensor | Any = None, *, inverse: Callable | None = None, 
           exact_max_dim: int = EXACT_MAX_DIM, localize: bool = True, localize_points: int = 32,
           gain_threshold: float = GAIN_THRESHOLD, attack: str | None = None, attack_kwargs: dict | None = None,
           temperatures: Sequence[float] = TEMPERATURES, clip_thresholds: Sequence[float] = CLIP_THRESHOLDS,
-          batch_size: int = 512, seed: int = 0, dequantize_seed: int = 0, progress: bool = False):
+          batch_size: int = 512, seed: int = 0, dequantize_seed: int = 0, progress: bool = False,
+          context: Tensor | None = None, train_context: Tensor | None = None):
     """Audit the invertibility of ``model`` on ``data`` and return an
     :class:`~stableflows.audit.report.AuditReport` (``.verdict``, ``.to_json()``, ``.to_html(path)``).
 
@@ -372,8 +373,18 @@ def audit(model, data: Tensor | Any = None, *, inverse: Callable | None = None, 
             examples, steps, step_size, eps, widen, random_start, fixed_point_iterations, baseline,
             seed, data_range).
         temperatures, clip_thresholds: of the ``samples`` and ``clipped`` groups.
+        context, train_context: of a conditional flow, one context row per example of ``data`` /
+            ``train`` (a labelled ``Splits``: its one-hot labels); audited one context at a time
+            (:mod:`.conditional`).
     """
+    args = dict(locals())
+    from ..transforms.base import requires_context
     from .report import AuditReport
+
+    if context is not None or train_context is not None or (isinstance(model, torch.nn.Module) and requires_context(model)):
+        from .conditional import audit_conditional  # a conditional flow: one audit per context, merged
+
+        return audit_conditional(audit, **args)
 
     if criterion not in CRITERIA:
         raise ConfigError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")

@@ -32,7 +32,7 @@ HELP: dict[str, str] = {
     # model
     "model.model": "model family: glow | realnvp | nice | cv_glow (constant-volume Glow) | resflow | iresnet | "
                    "classifier (invertible classifier, --objective classification) | hybrid (flow + classifier "
-                   "head, --objective hybrid)",
+                   "head, --objective hybrid) | cinn (conditional Glow of p(x | label), labelled data)",
     "model.hidden": "hidden width (channels of CNN conditioners, units of MLP conditioners / residual blocks)",
     "model.levels": "multi-scale levels of image flows (squeeze -> steps -> split per level)",
     "model.steps_per_level": "flow steps (or residual blocks) per level",
@@ -51,6 +51,8 @@ HELP: dict[str, str] = {
     "model.base": "base distribution p_Z of flows: normal (N(0, I)) | diag_normal (Gaussian with learned mean and "
                   "scale per latent entry) | mixture (--base-components Gaussians, learned weights, means and scales)",
     "model.base_components": "number of Gaussians of --base mixture",
+    "model.context_features": "cinn: size of the context vector of the conditional couplings (not given: "
+                              "--n-classes, the one-hot class labels of the data)",
     "model.actnorm": "put an ActNorm layer (data-dependent initialisation) at the start of every flow step; "
                      "not given: on, except residual flows on 2-D toys (their blocks then see the data's own scale)",
     "model.split_condition": "glow: which half of the last coupling before each split is its conditioner input: "

@@ -14,6 +14,14 @@ for :meth:`Flow.sample_and_log_prob`. The sampling methods follow torch.distribu
 training), ``sample_and_log_prob`` / ``rsample_and_log_prob``; ``shape`` is an int ``n`` or a
 sample shape (``()``, ``(4,)``, ``torch.Size([2, 3])``) and the result has shape ``(*shape, *event)``.
 
+Conditional flows (cINNs, Ardizzone et al. 2019) model ``p(x | c)``: every method takes a
+``context`` that is handed to every conditional layer, ``log p(x | c) = log p_Z(F(x; c)) +
+log|det dF/dx (x; c)|``, ``log_prob(x, context=c)`` with one context row per example. Sampling
+follows torch.distributions' batch shapes: ``sample(shape, context=c)`` with ``c`` of shape
+``(*batch, *context_shape)`` draws ``shape`` samples per context row, result
+``(*shape, *batch, *event)``: ``sample(context=c)`` one per row, ``sample(8, context=c)`` eight per
+row; a single context ``(*context_shape)`` gives ``(*shape, *event)``.
+
 Inputs are validated once, at the public entry (``log_prob``, ``forward``, ``inverse``): a floating
 tensor of the model's dtype, a non-empty batch of the event shape, inside the domain of the first
 layer (e.g. the Logit's [0, 1]), and finite for ``log_prob`` (``forward`` / ``inverse`` propagate
@@ -30,8 +38,9 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..transforms.base import (LOG_2PI, Transform, _module_dtype, check_finite, check_shape, check_tensor, run_checked,
-                               sum_except_batch)
+from ..transforms.base import (LOG_2PI, ContextError, Transform, _module_dtype, check_context, check_finite,
+                               check_model_context, check_shape, check_tensor, context_shape_of, requires_context,
+                               run_checked, sum_except_batch)
 from .distributions import BaseDistribution, StandardNormal, make_base
 
 SampleShape = Union[int, Sequence[int], torch.Size]
@@ -54,6 +63,8 @@ class Flow(nn.Module):
         config: the :class:`~stableflows.config.ModelConfig` it was built from, or None.
         base: a :class:`~stableflows.models.distributions.BaseDistribution` on ``latent_shape``
             (default: ``StandardNormal``).
+
+    ``context_shape`` is the context event shape of a conditional flow (None: unconditional).
     """
 
     def __init__(self, transform: Transform, shape: Sequence[int], latent_shape: Sequence[int] | None = None,
@@ -66,45 +77,56 @@ class Flow(nn.Module):
             raise ValueError(f"latent shape {self.latent_shape} has another size than data shape {self.shape}")
         self.config = config
         self.base = self._checked_base(base if base is not None else StandardNormal(self.latent_shape))
+        self.context_shape = context_shape_of(transform)
 
     @property
     def dim(self) -> int:
         return math.prod(self.shape)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return run_checked(lambda v: self.check_input(v, finite=False), self.transform, x)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return run_checked(lambda v: self.check_input(v, finite=False, context=context),
+                           lambda v: self.transform(v, context), x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return run_checked(self.check_latent, self.transform.inverse, z)
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return run_checked(lambda v: self.check_latent(v, context=context), lambda v: self.transform.inverse(v, context), z)
 
-    def check_input(self, x: Tensor, what: str = "input", *, finite: bool = True) -> None:
+    def check_input(self, x: Tensor, what: str = "input", *, finite: bool = True, context: Tensor | None = None) -> None:
         """Raise a named error for a non-float tensor or one of another dtype than the model's, an
         empty batch, a wrong shape, NaN/inf entries (``finite``: the density's entry; ``forward``
-        propagates them), or values outside the first layer's domain."""
+        propagates them), or values outside the first layer's domain; and a :class:`ContextError`
+        for a missing, unexpected or ill-shaped ``context`` (NaN / inf in it too, with ``finite``)."""
         check_tensor(x, what, _module_dtype(self))
         check_shape(x, self.shape, what)
         if finite:
             check_finite(x, what)
         self.transform._check_domain(x, "forward")
+        self._check_context(context, x.shape[0], finite)
 
-    def check_latent(self, z: Tensor, what: str = "latent") -> None:
+    def check_latent(self, z: Tensor, what: str = "latent", *, context: Tensor | None = None) -> None:
         """Named errors for latent codes: a floating tensor of the model's dtype, a non-empty batch
-        of shape ``(B, *latent_shape)`` (NaN / inf propagate, unless the last layer refuses them)."""
+        of shape ``(B, *latent_shape)`` (NaN / inf propagate, unless the last layer refuses them),
+        and the context as in :meth:`check_input`."""
         check_tensor(z, what, _module_dtype(self))
         check_shape(z, self.latent_shape, what)
         self.transform._check_domain(z, "inverse")
+        self._check_context(context, z.shape[0], False)
 
-    def _log_prob(self, x: Tensor) -> Tensor:
-        z, logdet = self.transform(x)
+    def _check_context(self, context: Tensor | None, batch: int, finite: bool) -> None:
+        check_model_context(self.transform, context, batch, "this flow")
+        if finite and context is not None:
+            check_finite(context, "context")
+
+    def _log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        z, logdet = self.transform(x, context)
         return self.base.log_prob(z) + logdet
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """``log p(x)`` per example, shape ``(B,)``."""
-        return run_checked(self.check_input, self._log_prob, x)
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``log p(x)`` (``log p(x | context)`` for a conditional flow) per example, shape ``(B,)``."""
+        return run_checked(lambda v: self.check_input(v, context=context), lambda v: self._log_prob(v, context), x)
 
-    def log_prob_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def log_prob_parts(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(log p(z), log|det dz/dx|)`` per example; their sum is ``log_prob(x)``."""
-        z, logdet = run_checked(self.check_input, self.transform, x)
+        z, logdet = run_checked(lambda v: self.check_input(v, context=context), lambda v: self.transform(v, context), x)
         return self.base.log_prob(z), logdet
 
     def _param(self) -> Tensor:
@@ -167,32 +189,58 @@ class Flow(nn.Module):
                 m.initialized.fill_(True)
 
     def rsample_and_log_prob(self, shape: SampleShape = (), temperature: float = 1.0,
-                             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                             generator: torch.Generator | None = None, *,
+                             context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Differentiable samples ``x = F^-1(z)``, ``z ~ p_Z`` at ``temperature``, and the model's
         ``log p(x) = log p_Z(z) - log|det dF^-1/dz|`` (the ``T = 1`` density at ``x``, whatever
         ``temperature``); shapes ``(*shape, *event)`` and ``shape``. Gradients reach the transform
-        and the base's parameters (reverse KL: ``(log_p - log_target(x)).mean()``)."""
-        return self._draw(shape, temperature, generator, log_prob=True)
+        and the base's parameters (reverse KL: ``(log_p - log_target(x)).mean()``). A conditional
+        flow samples ``x ~ p(x | context)``: shapes ``(*shape, *batch, *event)`` and
+        ``(*shape, *batch)`` for a context of shape ``(*batch, *context_shape)`` (module docstring)."""
+        return self._draw(shape, temperature, generator, log_prob=True, context=context)
 
-    def _draw(self, shape, temperature, generator, *, log_prob: bool) -> tuple[Tensor, Tensor | None]:
+    def _sample_context(self, context: Tensor | None, m: int) -> tuple[tuple[int, ...], Tensor | None]:
+        """``(batch shape, context rows (m * prod(batch), *context_shape))`` for ``m`` draws per context row."""
+        cs = self.context_shape
+        if cs is None:
+            if context is not None:
+                raise ContextError("this flow is not conditional: it takes no context")
+            return (), None
+        if context is None:
+            if requires_context(self.transform):
+                raise ContextError(f"this flow is conditional: give context= of shape ({', '.join(map(str, cs))}) "
+                                   f"or (batch, {', '.join(map(str, cs))}) to sample")
+            return (), None
+        if not torch.is_tensor(context) or context.dim() < len(cs) or tuple(context.shape[context.dim() - len(cs):]) != cs:
+            got = tuple(context.shape) if torch.is_tensor(context) else type(context).__name__
+            raise ContextError(f"context must have shape (*batch, {', '.join(map(str, cs))}), got {got}")
+        batch = tuple(context.shape[:context.dim() - len(cs)])
+        rows = context.reshape(1, -1, *cs).expand(m, -1, *cs).reshape(-1, *cs)  # draw-major: (m * prod(batch), *cs)
+        check_context(rows, cs, rows.shape[0], _module_dtype(self))
+        return batch, rows
+
+    def _draw(self, shape, temperature, generator, *, log_prob: bool, context=None) -> tuple[Tensor, Tensor | None]:
         dims = self._sample_shape(shape)
+        batch, rows = self._sample_context(context, math.prod(dims))
         if self.training and torch.is_grad_enabled():
             self._commit_actnorm()
-        z = self._latent(math.prod(dims), temperature, generator)  # (m, *latent)
-        x, inv_logdet = self.transform.inverse(z)  # (m, *shape), (m,)
-        log_p = (self.base.log_prob(z) - inv_logdet).reshape(dims) if log_prob else None
-        return x.reshape(*dims, *self.shape), log_p
+        z = self._latent(math.prod(dims) * math.prod(batch), temperature, generator)  # (m, *latent)
+        x, inv_logdet = self.transform.inverse(z, rows)  # (m, *shape), (m,)
+        out_dims = dims + batch
+        log_p = (self.base.log_prob(z) - inv_logdet).reshape(out_dims) if log_prob else None
+        return x.reshape(*out_dims, *self.shape), log_p
 
     def rsample(self, shape: SampleShape = (), temperature: float = 1.0,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, *, context: Tensor | None = None) -> Tensor:
         """Differentiable samples ``F^-1(z)``, shape ``(*shape, *event)`` (see :meth:`rsample_and_log_prob`)."""
-        return self._draw(shape, temperature, generator, log_prob=False)[0]
+        return self._draw(shape, temperature, generator, log_prob=False, context=context)[0]
 
     @torch.no_grad()
     def sample_and_log_prob(self, shape: SampleShape = (), temperature: float = 1.0,
-                            generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                            generator: torch.Generator | None = None, *,
+                            context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """:meth:`rsample_and_log_prob` without gradients."""
-        return self.rsample_and_log_prob(shape, temperature, generator)
+        return self.rsample_and_log_prob(shape, temperature, generator, context=context)
 
     @torch.no_grad()
     def sample_latent(self, n: SampleShape, temperature: float = 1.0,
@@ -203,7 +251,8 @@ class Flow(nn.Module):
 
     @torch.no_grad()
     def sample(self, shape: SampleShape = (), temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, *, context: Tensor | None = None) -> Tensor:
         """Samples ``F^-1(z)``, ``z ~ p_Z`` at ``temperature`` (``N(0, T^2 I)`` for the standard normal),
-        without gradients; shape ``(*shape, *event)``, e.g. ``sample(64)`` -> ``(64, *event)``."""
-        return self._draw(shape, temperature, generator, log_prob=False)[0]
+        without gradients; shape ``(*shape, *event)``, e.g. ``sample(64)`` -> ``(64, *event)``; of a
+        conditional flow ``(*shape, *batch, *event)`` for a context ``(*batch, *context_shape)``."""
+        return self._draw(shape, temperature, generator, log_prob=False, context=context)[0]

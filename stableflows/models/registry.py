@@ -52,10 +52,10 @@ def _with_base(model, cfg: ModelConfig):
 
 
 def _load_optional() -> None:
-    """Model families that register themselves on import (residual flows, classifiers)."""
+    """Model families that register themselves on import (residual flows, classifiers, cinn)."""
     import importlib
 
-    for mod in ("stableflows.models.residual", "stableflows.models.classifier"):
+    for mod in ("stableflows.models.residual", "stableflows.models.classifier", "stableflows.models.conditional"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -66,7 +66,7 @@ from .distributed import setup as setup_distributed
 from .distributed import wrap as wrap_distributed
 from .ema import EMA
 from .evaluate import EVAL_SEED, evaluate, finite_or_none, frozen_rng, metric_name
-from .objectives import Batch, MaximumLikelihood, Objective
+from .objectives import Batch, MaximumLikelihood, Objective, conditional_objective
 from .optim import adamw, load_optimizer_state
 from .plots import write_figures
 from .progress import Progress
@@ -341,7 +341,10 @@ class _Trainer:
         self.model.train()
         try:
             with torch.no_grad(), frozen_rng(self.device):
-                self.model.log_prob(x)
+                if callable(getattr(self.objective, "context", None)):  # conditional: the labels as context
+                    self.objective.log_prob(self.model, Batch(x, x, self.env.shard(self.train_y[idx]), self.levels))
+                else:
+                    self.model.log_prob(x)
         except InputOutsideDomain as e:
             hint = (" Continuous data (e.g. 2-D toys) are not in [0, 1]: set --logit-alpha 0."
                     if self.levels is None else "")
@@ -760,6 +763,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume: bool, overwrite: bool, model: n
         raise ShapeError(f"model event shape {tuple(model.shape)} does not match data shape {tuple(splits.shape)}")
     model.to(device)
     objective = objective if objective is not None else build_objective(cfg)
+    objective = conditional_objective(objective, model, splits)  # a cinn learns log p(x | y)
     _check_objective(cfg, model, splits, objective, env)
     tr = _Trainer(cfg, model, splits, objective, callbacks, device, env)
     if env.rank > 0:  # independent noise of stochastic estimators on each rank (rank 0 keeps the seed)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["image_shape", "to_unit_images", "save_curve", "curve_figure", "save_sample_grid", "save_scatter",
-           "write_figures"]
+           "write_figures", "class_samples"]
 
 GRID_PAD = 1  # pixels of padding between images of a grid
 SCATTER_QUANTILE = 0.005  # the scatter's view spans the 0.5 %..99.5 % quantiles of all points (+ margin)
@@ -64,10 +64,10 @@ def to_unit_images(v: Tensor, shape: tuple[int, int, int]) -> tuple[np.ndarray, 
     return v.permute(0, 2, 3, 1).numpy(), n_bad
 
 
-def _tile(images: np.ndarray) -> np.ndarray:
-    """``(n, H, W, C)`` -> one ``(rows*(H+p), cols*(W+p), C)`` mosaic."""
+def _tile(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """``(n, H, W, C)`` -> one ``(rows*(H+p), cols*(W+p), C)`` mosaic (``cols`` default: a square)."""
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     out = np.ones((rows * (h + GRID_PAD) + GRID_PAD, cols * (w + GRID_PAD) + GRID_PAD, c))
     for i in range(n):
@@ -77,12 +77,12 @@ def _tile(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def save_sample_grid(path: str | Path, panels: Mapping[str, np.ndarray]) -> None:
-    """One tiled panel per entry (title -> ``(n, H, W, C)`` images in [0, 1])."""
+def save_sample_grid(path: str | Path, panels: Mapping[str, np.ndarray], *, cols: int | None = None) -> None:
+    """One tiled panel per entry (title -> ``(n, H, W, C)`` images in [0, 1]), ``cols`` images a row."""
     fig = _figure(3.2 * len(panels), 3.5)
     for i, (title, images) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        mosaic = _tile(images)
+        mosaic = _tile(images, cols)
         if mosaic.shape[-1] == 1:
             ax.imshow(mosaic[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         else:
@@ -164,12 +164,34 @@ def curve_figure(history: Sequence[Mapping], metric: str, *, test: float | None 
 SAMPLE_TEMPERATURES = (1.0, 0.7)  # samples.png panels (Glow, Kingma & Dhariwal 2018, sec. 5)
 N_SAMPLES_IMAGE = 64
 N_SAMPLES_TOY = 2000
+N_SAMPLES_PER_CLASS = 10  # samples.png of a class-conditional flow: one row of these per class
+
+
+def class_samples(flow, per_class: int, temperature: float, *, seed: int = 0) -> Tensor:
+    """Model-space samples of a flow conditioned on one-hot labels, class-major: ``(K * per_class,
+    *shape)``, rows ``k * per_class ... (k + 1) * per_class - 1`` drawn with the context of class ``k``."""
+    from ..models.conditional import one_hot
+    from .evaluate import frozen_rng
+
+    k = flow.context_shape[0]
+    p = next(iter(flow.parameters()), None)
+    device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.get_default_dtype())
+    was = flow.training
+    flow.eval()
+    try:
+        with torch.no_grad(), frozen_rng(device):
+            v = flow.sample(per_class, temperature, torch.Generator().manual_seed(seed),
+                            context=one_hot(torch.arange(k, device=device), k, dtype=dtype))  # (per_class, K, *shape)
+    finally:
+        flow.train(was)
+    return v.transpose(0, 1).reshape(k * per_class, *v.shape[2:])
 
 
 def write_figures(out: str | Path, flow, splits, history: Sequence[Mapping], metric: str, *,
                   test: float | None = None, best_step: int | None = None, density: bool = True,
                   ema: bool = True) -> dict:
-    """``curve.png`` and ``samples.png`` (image grid at T = 1.0 and 0.7, or a 2-D scatter) of a run.
+    """``curve.png`` and ``samples.png`` (image grid at T = 1.0 and 0.7, one row per class for a flow
+    conditioned on one-hot labels, or a 2-D scatter) of a run.
 
     Returns the files written (``curve``, ``samples``) and how many samples were non-finite. A
     failure is recorded (``curve_error``, ``samples_error``), never raised, so a finished run keeps
@@ -193,12 +215,19 @@ def write_figures(out: str | Path, flow, splits, history: Sequence[Mapping], met
             info["samples_skipped"] = "the objective does not fit p(x) (classification without --nf-weight)"
         elif not callable(getattr(flow, "sample", None)):
             info["samples_skipped"] = f"{type(flow).__name__} has no sample()"
+        elif getattr(flow, "context_shape", None) is not None and len(flow.context_shape) != 1:
+            info["samples_skipped"] = f"no picture for a flow conditioned on contexts of shape {flow.context_shape}"
         elif img is not None:
             panels, bad = {}, {}
+            conditional = getattr(flow, "context_shape", None) is not None
             for temp in SAMPLE_TEMPERATURES:
-                v = draw_samples(flow, N_SAMPLES_IMAGE, temp)
-                panels[f"T = {temp}"], bad[str(temp)] = to_unit_images(v, img)
-            save_sample_grid(out / "samples.png", panels)
+                if conditional:  # one row per class
+                    v = class_samples(flow, N_SAMPLES_PER_CLASS, temp)
+                    title = f"T = {temp}, row k: class k"
+                else:
+                    v, title = draw_samples(flow, N_SAMPLES_IMAGE, temp), f"T = {temp}"
+                panels[title], bad[str(temp)] = to_unit_images(v, img)
+            save_sample_grid(out / "samples.png", panels, cols=N_SAMPLES_PER_CLASS if conditional else None)
             info.update(samples="samples.png", samples_nonfinite=bad)
         elif tuple(splits.shape) == (2,):
             v = draw_samples(flow, N_SAMPLES_TOY, 1.0)

@@ -30,12 +30,29 @@ stops the host until a GPU drains its queue, and ``torch.compile`` cannot trace 
   hot path; a tracer copies them and reads all of them at once when its records' ``stats`` are
   first looked at (one transfer for the whole trace). :func:`read_stats` gives a layer's as floats.
 
+Conditional layers (cINNs: Ardizzone et al. 2019, "Analyzing inverse problems with invertible neural
+networks"; "Guided image generation with conditional invertible neural networks") take a context
+``c`` (a tensor ``(B, *context_shape)`` of the batch's size) and are bijections in ``x`` for every
+fixed ``c``::
+
+    z, logdet = t.forward(x, context=c)    # z = F(x; c),  logdet = log|det dF/dx (x; c)|
+    x, logdet = t.inverse(z, context=c)
+
+Composites (:class:`Compose`, :class:`Inverse`, multi-scale structures, flows) pass the context down
+to every layer; unconditional layers keep their ``_forward(x)`` / ``_inverse(z)`` and never see it
+(only classes with ``takes_context = True`` get ``_forward(x, context)``). A conditional layer sets
+``context_shape``; :func:`context_shape_of` finds the one of a model. The entry check names a missing
+context, one given to an unconditional model, and one of the wrong shape, batch size or dtype
+(:class:`ContextError`); :func:`bind_context` fixes a context for a block (every conditional layer
+then uses that one row for any batch: the audit audits a conditional flow one context at a time).
+
 Iterative inverses never fail silently: they raise :class:`InverseNotConverged` when ``strict`` is
 set, warn otherwise, and record iterations and final residual in ``stats`` when asked.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -49,6 +66,7 @@ __all__ = [
     "NonFiniteInputError",
     "InputOutsideDomain",
     "InverseNotConverged",
+    "ContextError",
     "Transform",
     "Compose",
     "Inverse",
@@ -66,6 +84,11 @@ __all__ = [
     "collect_stats",
     "stats_wanted",
     "read_stats",
+    "context_shape_of",
+    "requires_context",
+    "check_context",
+    "bind_context",
+    "check_model_context",
 ]
 
 
@@ -84,6 +107,11 @@ class NonFiniteInputError(StableflowsError, ValueError):
 
 class InputOutsideDomain(StableflowsError, ValueError):
     """An input lies outside the domain of a transform (e.g. logit of a value outside [0, 1])."""
+
+
+class ContextError(ShapeError):
+    """A conditional model got no context, or an unconditional one got one, or the context has the
+    wrong shape, batch size or dtype."""
 
 
 class InverseNotConverged(StableflowsError, RuntimeError):
@@ -148,6 +176,77 @@ def _module_dtype(module: nn.Module) -> torch.dtype | None:
         if torch.is_floating_point(p):
             return p.dtype
     return None
+
+
+# ----------------------------------------------------------------------------- contexts
+def context_shape_of(module: nn.Module) -> tuple[int, ...] | None:
+    """The context event shape of the conditional layers inside ``module`` (None: unconditional).
+    Raises ``ValueError`` when two of them expect different shapes (one context feeds them all)."""
+    found: tuple[int, ...] | None = None
+    for m in module.modules():
+        shape = getattr(m, "context_shape", None)
+        if isinstance(m, Transform) and shape is not None:
+            if found is not None and tuple(shape) != found:
+                raise ValueError(f"conditional layers expect contexts of shapes {found} and {tuple(shape)}: "
+                                 "one context is passed to every layer")
+            found = tuple(shape)
+    return found
+
+
+def requires_context(module: nn.Module) -> bool:
+    """True when ``module`` holds a conditional layer without a context fixed by :func:`bind_context`."""
+    return any(isinstance(m, Transform) and getattr(m, "context_shape", None) is not None
+               and m._buffers.get("bound_context") is None for m in module.modules())
+
+
+def check_context(context, context_shape: Sequence[int], batch: int, dtype: torch.dtype | None = None,
+                  what: str = "context") -> None:
+    """Raise :class:`ContextError` unless ``context`` is a floating tensor ``(batch, *context_shape)``
+    (of ``dtype`` when given)."""
+    cs = tuple(int(s) for s in context_shape)
+    want = f"(batch, {', '.join(map(str, cs))})" if cs else "(batch,)"
+    if not torch.is_tensor(context):
+        raise ContextError(f"{what} must be a torch.Tensor {want}, got {type(context).__name__}")
+    if not torch.is_floating_point(context):
+        raise ContextError(f"{what} must be a floating-point tensor, got dtype {context.dtype} (one-hot encode "
+                           "class labels: stableflows.models.conditional.one_hot(y, classes))")
+    if dtype is not None and context.dtype != dtype and not torch.is_autocast_enabled(context.device.type):
+        raise ContextError(f"{what} has dtype {context.dtype} but the model computes in {dtype}: convert it "
+                           f"(context.to({dtype}))")
+    if context.dim() != len(cs) + 1 or tuple(context.shape[1:]) != cs:
+        raise ContextError(f"{what} must have shape {want}, got {tuple(context.shape)}")
+    if context.shape[0] != batch:
+        raise ContextError(f"{what} has {context.shape[0]} rows but the input has {batch} examples: "
+                           "give one context row per example")
+
+
+@contextlib.contextmanager
+def bind_context(module: nn.Module, context: Tensor) -> Iterator[nn.Module]:
+    """Inside the block every conditional layer of ``module`` called without a context uses
+    ``context`` (shape ``context_shape`` or ``(1, *context_shape)``) for every example of any batch,
+    so ``module`` acts as the unconditional map ``x -> F(x; context)``; calls that pass a context
+    still use theirs. The fixed context is a non-persistent buffer of each layer (copies and
+    ``.to(dtype)`` carry it; no ``state_dict`` entry) and is removed at the end of the block."""
+    shape = context_shape_of(module)
+    if shape is None:
+        raise ContextError(f"{type(module).__name__} has no conditional layer: there is no context to bind")
+    row = context.reshape(1, *context.shape) if tuple(context.shape) == shape else context
+    check_context(row, shape, 1, what="bound context")
+    layers = [m for m in module.modules() if isinstance(m, Transform) and getattr(m, "context_shape", None) is not None]
+    before = [m._buffers.get("bound_context") for m in layers]
+    for m in layers:
+        dt = _module_dtype(m) or row.dtype
+        dev = next((t.device for t in m.parameters()), row.device)
+        m.register_buffer("bound_context", row.detach().to(device=dev, dtype=dt), persistent=False)
+    try:
+        yield module
+    finally:
+        for m, old in zip(layers, before):
+            if old is None:
+                m._buffers.pop("bound_context", None)
+                m._non_persistent_buffers_set.discard("bound_context")
+            else:
+                m._buffers["bound_context"] = old
 
 
 # ----------------------------------------------------------------------------- validation and stats switches
@@ -355,9 +454,17 @@ class Transform(nn.Module):
     ``inverse(forward(x)[0])[1] == -forward(x)[1]``. Subclasses implement ``_forward`` and
     ``_inverse``, and may refine the entry checks with ``_check_event`` (event shape) and
     ``_check_domain`` (values). ``stats`` holds diagnostics of the last call when asked for.
+
+    Contexts: ``forward(x, context)`` / ``inverse(z, context)`` hand a given context to
+    ``_forward(x, context)`` / ``_inverse(z, context)`` of classes with ``takes_context = True``
+    (composites and conditional layers); other layers are called as ``_forward(x)``. A conditional
+    layer sets ``context_shape`` (the event shape of its context) and resolves a missing one with
+    :meth:`_context` (the bound context of :func:`bind_context`, else :class:`ContextError`).
     """
 
     stats: dict
+    takes_context = False  # _forward / _inverse accept a context argument (composites, conditional layers)
+    context_shape: tuple[int, ...] | None = None  # set by conditional layers: the event shape of the context
 
     def __init__(self) -> None:
         super().__init__()
@@ -369,16 +476,30 @@ class Transform(nn.Module):
     def _inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _context(self, x: Tensor, context: Tensor | None) -> Tensor:
+        """The context of a conditional layer's call on ``x``: the one given, else the bound one
+        expanded to the batch (:func:`bind_context`); none of them: :class:`ContextError`."""
+        if context is not None:
+            return context
+        bound = self._buffers.get("bound_context")
+        if bound is None:
+            shape = ", ".join(map(str, self.context_shape or ()))
+            raise ContextError(f"{type(self).__name__} is conditional: give context= of shape (batch, {shape})")
+        return bound.expand(x.shape[0], *bound.shape[1:])
+
     # -------------------------------------------------------------- entry checks
-    def check_input(self, x: Tensor, direction: str = "forward", what: str | None = None) -> None:
+    def check_input(self, x: Tensor, direction: str = "forward", what: str | None = None, *,
+                    context: Tensor | None = None) -> None:
         """Named errors for an input of a public call in ``direction``: not a floating tensor of
         the layer's dtype, an empty batch, a wrong event shape, or values outside the domain of the
         first layer on the path. NaN / inf entries pass (the map propagates them: the audit counts
-        non-finite outputs) unless that layer's domain excludes them (Logit, a residual inverse)."""
+        non-finite outputs) unless that layer's domain excludes them (Logit, a residual inverse).
+        A missing, unexpected or ill-shaped ``context`` is a :class:`ContextError`."""
         what = what or f"{type(self).__name__} {'input' if direction == 'forward' else 'inverse input'}"
         check_tensor(x, what, _module_dtype(self))
         self._check_event(x, direction, what)
         self._check_domain(x, direction)
+        check_model_context(self, context, x.shape[0], type(self).__name__)
 
     def _check_event(self, x: Tensor, direction: str, what: str) -> None:
         """Raise :class:`ShapeError` for a wrong event shape (layers that know theirs)."""
@@ -402,16 +523,37 @@ class Transform(nn.Module):
             t._record(self, direction, x, y, ld, d)
         return y, ld
 
-    def _call(self, fn, x: Tensor, direction: str) -> tuple[Tensor, Tensor]:
+    def _call(self, fn, x: Tensor, direction: str, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if context is not None and self.takes_context:
+            fn = functools.partial(fn, context=context)
         if not _checking():
             return self._traced(fn, x, direction)
-        return run_checked(lambda v: self.check_input(v, direction), lambda v: self._traced(fn, v, direction), x)
+        return run_checked(lambda v: self.check_input(v, direction, context=context),
+                           lambda v: self._traced(fn, v, direction), x)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._call(self._forward, x, "forward")
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._call(self._forward, x, "forward", context)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self._call(self._inverse, z, "inverse")
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._call(self._inverse, z, "inverse", context)
+
+
+def check_model_context(module: nn.Module, context, batch: int, name: str | None = None) -> None:
+    """The entry check of a context: :class:`ContextError` for one given to a model without
+    conditional layers, none given to one with unbound conditional layers, or a tensor that is not
+    ``(batch, *context_shape)`` of the model's dtype."""
+    name = name or type(module).__name__
+    shape = context_shape_of(module)
+    if shape is None:
+        if context is not None:
+            raise ContextError(f"{name} is not conditional: it takes no context")
+        return
+    if context is None:
+        if requires_context(module):
+            cs = ", ".join(map(str, shape))
+            raise ContextError(f"{name} is conditional: give context= of shape (batch, {cs})")
+        return
+    check_context(context, shape, batch, _module_dtype(module))
 
 
 class Identity(Transform):
@@ -450,17 +592,19 @@ class Compose(Transform):
         if len(self.layers):
             self.layers[0 if direction == "forward" else -1]._check_domain(x, direction)
 
-    def _forward(self, x):
+    takes_context = True
+
+    def _forward(self, x, context=None):
         total = x.new_zeros(x.shape[0])
         for layer in self.layers:
-            x, ld = layer(x)
+            x, ld = layer(x, context)
             total = total + ld
         return x, total
 
-    def _inverse(self, z):
+    def _inverse(self, z, context=None):
         total = z.new_zeros(z.shape[0])
         for layer in reversed(self.layers):
-            z, ld = layer.inverse(z)
+            z, ld = layer.inverse(z, context)
             total = total + ld
         return z, total
 
@@ -478,11 +622,13 @@ class Inverse(Transform):
     def _check_domain(self, x, direction):
         self.transform._check_domain(x, "inverse" if direction == "forward" else "forward")
 
-    def _forward(self, x):
-        return self.transform.inverse(x)
+    takes_context = True
 
-    def _inverse(self, z):
-        return self.transform(z)
+    def _forward(self, x, context=None):
+        return self.transform.inverse(x, context)
+
+    def _inverse(self, z, context=None):
+        return self.transform(z, context)
 
 
 LOG_2PI = math.log(2 * math.pi)

@@ -20,6 +20,8 @@ Masks (``parity`` flips which part is kept):
 
 :class:`Coupling` is the template: it splits, runs the conditioner, merges and validates;
 subclasses only write the elementwise map on the flat transformed entries ``(B, N_b)``.
+Conditional couplings (:mod:`.conditional`) add context features to the conditioner input
+(``context_channels`` extra inputs of the net, filled by ``_context_features``).
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ class Coupling(Transform):
 
     n_params: int
 
-    def __init__(self, shape, *, mask: str = "channel", parity: int = 0, hidden: int = 64):
+    def __init__(self, shape, *, mask: str = "channel", parity: int = 0, hidden: int = 64,
+                 context_channels: int = 0):
         super().__init__()
         self.shape = as_event_shape(shape, type(self).__name__)
         if mask not in MASKS:
@@ -72,22 +75,30 @@ class Coupling(Transform):
         self.register_buffer("keep_idx", keep_idx, persistent=False)
         self.register_buffer("trans_idx", trans_idx, persistent=False)
         n_out = self.n_params * trans_idx.numel()
+        extra = int(context_channels)  # conditioner inputs after x_a: context features (conditional couplings)
         if not is_image:
-            self.net = MLP(keep_idx.numel(), n_out, hidden=hidden)
+            self.net = MLP(keep_idx.numel() + extra, n_out, hidden=hidden)
         elif mask == "channel":
-            self.net = GlowCNN(keep_idx.numel(), n_out, hidden=hidden)
+            self.net = GlowCNN(keep_idx.numel() + extra, n_out, hidden=hidden)
         else:
-            self.net = GlowCNN(self.shape[0], self.n_params * self.shape[0], hidden=hidden)
+            self.net = GlowCNN(self.shape[0] + extra, self.n_params * self.shape[0], hidden=hidden)
 
     # -------------------------------------------------------------- split / merge
-    def _params(self, x: Tensor) -> Tensor:
+    def _context_features(self, x: Tensor, context: Tensor | None) -> Tensor | None:
+        """Extra conditioner inputs ``(B, context_channels[, H, W])`` (None: unconditional)."""
+        return None
+
+    def _params(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Conditioner outputs at the transformed entries, ``(B, n_params, N_b)``."""
         b = x.shape[0]
+        extra = self._context_features(x, context)  # None, or (B, context_channels[, H, W])
         if self._dim == 1:
-            h = self.net(x.index_select(1, self.keep_idx))  # (B, P*D_b) or (B, P*C_b, H, W)
+            a = x.index_select(1, self.keep_idx)
+            h = self.net(a if extra is None else torch.cat([a, extra], dim=1))  # (B, P*D_b) or (B, P*C_b, H, W)
             return h.reshape(b, self.n_params, -1)
         c, hgt, wid = self.shape
-        h = self.net(x * self.board)  # (B, P*C, H, W)
+        a = x * self.board
+        h = self.net(a if extra is None else torch.cat([a, extra], dim=1))  # (B, P*C, H, W)
         h = h.reshape(b, self.n_params, c, hgt * wid).index_select(3, self.trans_idx)  # (B, P, C, N/2)
         return h.reshape(b, self.n_params, -1)
 
@@ -109,12 +120,12 @@ class Coupling(Transform):
     def _check_event(self, x, direction, what):
         check_shape(x, self.shape, what)
 
-    def _forward(self, x):
-        yb, logdet = self._couple(self._take(x), self._params(x))
+    def _forward(self, x, context=None):
+        yb, logdet = self._couple(self._take(x), self._params(x, context))
         return self._put(x, yb), logdet
 
-    def _inverse(self, z):
-        xb, logdet = self._uncouple(self._take(z), self._params(z))
+    def _inverse(self, z, context=None):
+        xb, logdet = self._uncouple(self._take(z), self._params(z, context))
         return self._put(z, xb), logdet
 
     # -------------------------------------------------------------- elementwise map
@@ -163,8 +174,8 @@ class AffineCoupling(Coupling):
     n_params = 2
 
     def __init__(self, shape, *, mask: str = "channel", parity: int = 0, hidden: int = 64,
-                 scale: str | Scale = "sigmoid", scale_kwargs: dict | None = None):
-        super().__init__(shape, mask=mask, parity=parity, hidden=hidden)
+                 scale: str | Scale = "sigmoid", scale_kwargs: dict | None = None, context_channels: int = 0):
+        super().__init__(shape, mask=mask, parity=parity, hidden=hidden, context_channels=context_channels)
         if isinstance(scale, Scale):
             if scale_kwargs:
                 raise ValueError("scale_kwargs are only used with a scale given by name")

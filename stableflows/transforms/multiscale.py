@@ -130,11 +130,13 @@ class MultiScale(Transform):
         self.out_shape = (prior.c2, h, w)
         self.d_kept = prior.c1 * h * w
 
-    def _forward(self, x):
-        h, ld = self.level(x)  # (B, C, H, W)
-        h, ld_p = self.prior(h)
+    takes_context = True  # passed to the level, the prior and the inner levels (conditional flows)
+
+    def _forward(self, x, context=None):
+        h, ld = self.level(x, context)  # (B, C, H, W)
+        h, ld_p = self.prior(h, context)
         h1, eps = h[:, : self.prior.c1], h[:, self.prior.c1:]
-        z1, ld_i = self.inner(h1)  # (B, D1)
+        z1, ld_i = self.inner(h1, context)  # (B, D1)
         z = torch.cat([z1, eps.reshape(eps.shape[0], -1)], dim=1)  # (B, D)
         return z, ld + ld_p + ld_i
 
@@ -149,10 +151,10 @@ class MultiScale(Transform):
         if direction == "forward":
             self.level._check_domain(x, direction)
 
-    def _inverse(self, z):
+    def _inverse(self, z, context=None):
         z1, eps = z[:, : self.d_kept], z[:, self.d_kept:]
-        h1, ld_i = self.inner.inverse(z1)
+        h1, ld_i = self.inner.inverse(z1, context)
         h = torch.cat([h1, eps.reshape(z.shape[0], *self.out_shape)], dim=1)
-        h, ld_p = self.prior.inverse(h)
-        x, ld = self.level.inverse(h)
+        h, ld_p = self.prior.inverse(h, context)
+        x, ld = self.level.inverse(h, context)
         return x, ld + ld_p + ld_i

@@ -106,14 +106,14 @@ class SplineCoupling(Coupling):
     ``stats`` (when asked): ``outside_fraction`` (share of transformed entries in the identity tails) of the last call."""
 
     def __init__(self, shape, *, mask: str = "channel", parity: int = 0, hidden: int = 64, bins: int = DEFAULT_BINS,
-                 bound: float = DEFAULT_BOUND):
+                 bound: float = DEFAULT_BOUND, context_channels: int = 0):
         if bins < 2:
             raise ValueError(f"a spline needs at least 2 bins, got {bins}")
         if not (bound > 0 and math.isfinite(bound)):
             raise ValueError(f"spline bound must be a positive number, got {bound}")
         self.n_params = 3 * bins - 1  # read by Coupling.__init__ to size the conditioner
         self.bins, self.bound = int(bins), float(bound)
-        super().__init__(shape, mask=mask, parity=parity, hidden=hidden)
+        super().__init__(shape, mask=mask, parity=parity, hidden=hidden, context_channels=context_channels)
 
     def _spline(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         k = self.bins
