@@ -27,6 +27,8 @@ class Entry:
     shape: event shape of the input. domain: ``"real"`` (inputs ~ N(0, 1)) or ``"unit"`` (uniform
     in (0.05, 0.95)). gradcheck: run ``torch.autograd.gradcheck`` on it (off for slow entries).
     roundtrip_atol / logdet_atol: float64 tolerances of the conformance checks.
+    context_shape: event shape of the context of a conditional module (None: unconditional); the
+    conformance test then draws a context ~ N(0, 1) per example and passes it to every call.
     """
 
     build: Callable[[], nn.Module]
@@ -35,11 +37,14 @@ class Entry:
     gradcheck: bool = True
     roundtrip_atol: float = 1e-10
     logdet_atol: float = 1e-8
+    context_shape: tuple | None = None
 
     def __post_init__(self):
         if self.domain not in DOMAINS:
             raise ValueError(f"Entry domain must be one of {DOMAINS}, got {self.domain!r}")
         self.shape = tuple(self.shape)
+        if self.context_shape is not None:
+            self.context_shape = tuple(self.context_shape)
 
 
 # the contract itself; every registry_*.py may add its own abstract bases

@@ -10,6 +10,9 @@ conditioners become non-trivial):
   and ``J_inverse(z) @ J_forward(x) == I``;
 * ``torch.autograd.gradcheck`` w.r.t. the input (entries with ``gradcheck=True``).
 
+Conditional entries (``context_shape`` set) get a context ~ N(0, 1) per example, passed to every
+call; every check holds at that fixed context (the Jacobians are those in ``x`` alone).
+
 Finally every Transform subclass defined in ``stableflows.transforms`` must have an entry.
 """
 import importlib
@@ -38,6 +41,19 @@ def _inputs(entry, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(n, *entry.shape, generator=gen, dtype=torch.float64)
 
 
+def _contexts(entry, n: int, gen: torch.Generator):
+    if entry.context_shape is None:
+        return None
+    return torch.randn(n, *entry.context_shape, generator=gen, dtype=torch.float64)
+
+
+def _at(fn, context):
+    """``fn`` with the context fixed (``fn`` itself for an unconditional entry)."""
+    if context is None:
+        return fn
+    return lambda v: fn(v, context)
+
+
 def _prepared(name: str, perturbed: bool):
     """The module of entry ``name`` in float64, initialised on a batch, in eval mode; and a generator."""
     entry = ENTRIES[name]
@@ -46,7 +62,7 @@ def _prepared(name: str, perturbed: bool):
     module = entry.build().double()
     module.train()
     with torch.no_grad():
-        module(_inputs(entry, INIT_BATCH, gen))
+        _at(module, _contexts(entry, INIT_BATCH, gen))(_inputs(entry, INIT_BATCH, gen))
     module.eval()
     if perturbed:
         with torch.no_grad():
@@ -77,9 +93,10 @@ NAMES = sorted(ENTRIES)
 def test_roundtrip_and_logdet(name, perturbed):
     entry, module, gen = _prepared(name, perturbed)
     x = _inputs(entry, BATCH, gen)
+    c = _contexts(entry, BATCH, gen)
     with torch.no_grad():
-        z, ld = module(x)
-        x_rec, ld_inv = module.inverse(z)
+        z, ld = _at(module, c)(x)
+        x_rec, ld_inv = _at(module.inverse, c)(z)
     assert ld.shape == (BATCH,) and ld_inv.shape == (BATCH,)
     assert x_rec.shape == x.shape
     err = (x_rec - x).abs().max().item()
@@ -87,13 +104,14 @@ def test_roundtrip_and_logdet(name, perturbed):
     assert torch.allclose(ld_inv, -ld, rtol=0, atol=entry.logdet_atol), (ld_inv + ld).abs().max()
 
     for b in range(BATCH):
+        cb = None if c is None else c[b:b + 1]
         with torch.no_grad():  # examples are independent: alone == inside the batch
-            z_b, ld_b = module(x[b:b + 1])
+            z_b, ld_b = _at(module, cb)(x[b:b + 1])
         assert torch.allclose(z_b[0], z[b], rtol=BATCH_TOL, atol=BATCH_TOL)
         assert torch.allclose(ld_b[0], ld[b], rtol=BATCH_TOL, atol=BATCH_TOL)
-        j_fwd, ld_ref = _log_abs_det_jacobian(module, x[b])
+        j_fwd, ld_ref = _log_abs_det_jacobian(_at(module, cb), x[b])
         assert abs(ld[b].item() - ld_ref.item()) <= entry.logdet_atol, (ld[b].item(), ld_ref.item())
-        j_inv, ld_inv_ref = _log_abs_det_jacobian(module.inverse, z[b])
+        j_inv, ld_inv_ref = _log_abs_det_jacobian(_at(module.inverse, cb), z[b])
         assert abs(ld_inv[b].item() - ld_inv_ref.item()) <= entry.logdet_atol, (ld_inv[b].item(), ld_inv_ref.item())
         eye = torch.eye(j_fwd.shape[0], dtype=j_fwd.dtype)
         assert torch.allclose(j_inv @ j_fwd, eye, rtol=0, atol=JACOBIAN_PRODUCT_ATOL)
@@ -103,9 +121,13 @@ def test_roundtrip_and_logdet(name, perturbed):
 def test_gradcheck(name):
     entry, module, gen = _prepared(name, perturbed=True)
     x = _inputs(entry, GRAD_BATCH, gen).requires_grad_()
-    assert torch.autograd.gradcheck(lambda v: module(v), (x,), fast_mode=True)
-    z = module(x)[0].detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda v: module.inverse(v), (z,), fast_mode=True)
+    c = _contexts(entry, GRAD_BATCH, gen)
+    assert torch.autograd.gradcheck(_at(module, c), (x,), fast_mode=True)
+    z = _at(module, c)(x)[0].detach().requires_grad_()
+    assert torch.autograd.gradcheck(_at(module.inverse, c), (z,), fast_mode=True)
+    if c is not None:  # and in the context, at fixed x
+        c = c.requires_grad_()
+        assert torch.autograd.gradcheck(lambda u: module(x.detach(), u), (c,), fast_mode=True)
 
 
 def _transform_classes() -> dict[str, type]:

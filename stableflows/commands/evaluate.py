@@ -2,7 +2,8 @@
 
 The metric is bits/dim with the fixed dequantisation noise of seed 0 (docs/METRICS.md) for discrete data,
 mean negative log-likelihood in nats for continuous data; for a run trained with the classification
-or hybrid objective, the classification error, accuracy, cross-entropy and bits/dim. Given a run directory, best.pt (the
+or hybrid objective, the classification error, accuracy, cross-entropy and bits/dim; for a conditional flow (cinn)
+the bits/dim of each example given its label. Given a run directory, best.pt (the
 validation-selected EMA weights) is used; given a checkpoint file, that file (EMA weights of a
 last.pt). The result is printed and written next to the checkpoint as
 eval-<checkpoint>-step<N>-<split>.json (e.g. eval-best-step400-test.json), so reports of different
@@ -69,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
         extra = evaluate_classifier(flow, x, y, splits.levels, batch_size=args.batch_size)
         m = "error"
         value = extra.pop("error")
+    elif getattr(flow, "context_shape", None) is not None:  # a cinn: conditional bits/dim of x given its label
+        from ..train.objectives import MaximumLikelihood, conditional_objective
+
+        m = metric_name(splits.levels)
+        value = conditional_objective(MaximumLikelihood(), flow, splits).evaluate(
+            flow, x, getattr(splits, f"y_{args.split}"), splits.levels, batch_size=args.batch_size)[m]
+        extra = {"conditional": True}
     else:
         value = evaluate(flow, x, splits.levels, batch_size=args.batch_size)
         m = metric_name(splits.levels)
@@ -76,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
               "step": ckpt.get("step"), "data": splits.name, "eval_seed": EVAL_SEED}
     out = Path(args.out) if args.out else path.parent / f"eval-{path.stem}-step{ckpt.get('step')}-{args.split}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    more = "".join(f", {k} {v:.4f}" for k, v in extra.items())
+    more = "".join(f", {k} {v:.4f}" for k, v in extra.items() if not isinstance(v, bool))
+    more += " given the labels" if extra.get("conditional") else ""
     print(f"{args.split} {m}: {value:.4f}{more} ({path}, step {ckpt.get('step')}, {x.shape[0]} examples, "
           f"fixed noise seed {EVAL_SEED}) -> {out}")
     return 0

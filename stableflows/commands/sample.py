@@ -5,12 +5,14 @@ The output format follows the file name: .png (image grid, or a scatter for 2-D 
 (NaN where a sample was not finite), raw values for continuous data; --space model keeps the
 model-space values (the dequantised scale v in [0, 1)). Without --out the file goes next to the
 checkpoint as samples-<checkpoint>-step<N>-T<T>-n<n>-seed<s>.png (the name fixes its contents);
-an existing --out FILE is refused unless --overwrite.
+an existing --out FILE is refused unless --overwrite. A conditional flow (cinn) draws --n samples of
+class --label, or --n of every class (class-major; a PNG has one row per class).
 
 Examples:
   stableflows sample runs/demo --n 64 --temperature 0.7
   stableflows sample runs/demo --n 64 --temperature 0.7 --out samples.png
   stableflows sample runs/demo/best.pt --n 1000 --out samples.npy
+  stableflows sample runs/cinn --n 10 --label 3
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", choices=("data", "model"), default="data",
                         help="data: integer levels for discrete data; model: values the flow sees (default: data)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    parser.add_argument("--label", type=int, default=None, metavar="K",
+                        help="conditional flows (cinn): samples of class K (default: --n of every class)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,17 +71,35 @@ def run(args: argparse.Namespace) -> int:
     if out is None:
         space = "-model" if args.space == "model" else ""
         out = path.parent / (f"samples-{path.stem}-step{ckpt.get('step')}-T{args.temperature:g}-n{args.n}"
-                             f"-seed{args.seed}{space}.png")
+                             f"-seed{args.seed}{space}{'' if args.label is None else f'-label{args.label}'}.png")
     shape, levels = tuple(ckpt["shape"]), ckpt.get("levels")
     img = plots.image_shape(shape) if levels is not None else None
     if out.suffix == ".png" and img is None and shape != (2,):
         raise ConfigError(f"cannot draw data of shape {shape} as a PNG; use .npy or .pt")
-    v = draw_samples(flow, args.n, args.temperature, seed=args.seed).cpu()  # (n, *shape)
+    cols = None
+    if getattr(flow, "context_shape", None) is not None:  # a cinn: samples given one-hot labels
+        from ..models.conditional import one_hot
+
+        k = flow.context_shape[0]
+        if args.label is not None and not 0 <= args.label < k:
+            raise ConfigError(f"--label must lie in [0, {k - 1}] for this flow's {k} classes, got {args.label}")
+        if args.label is None:
+            v, cols = plots.class_samples(flow, args.n, args.temperature, seed=args.seed).cpu(), args.n
+        else:
+            with torch.no_grad():
+                flow.eval()
+                p = next(iter(flow.parameters()))
+                v = flow.sample(args.n, args.temperature, torch.Generator().manual_seed(args.seed),
+                                context=one_hot(torch.tensor(args.label, device=p.device), k, dtype=p.dtype)).cpu()
+    elif args.label is not None:
+        raise ConfigError("--label applies to conditional flows (model cinn); this flow is unconditional")
+    else:
+        v = draw_samples(flow, args.n, args.temperature, seed=args.seed).cpu()  # (n, *shape)
     n_bad = int((~torch.isfinite(v)).flatten(1).any(dim=1).sum())
     if out.suffix == ".png":
         if img is not None:
             images, _ = plots.to_unit_images(v, img)
-            plots.save_sample_grid(out, {f"T = {args.temperature}": images})
+            plots.save_sample_grid(out, {f"T = {args.temperature}": images}, cols=cols)
         else:
             plots.save_scatter(out, {f"samples, T = {args.temperature}": v})
     else:
@@ -88,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             torch.save(data, buf)
         atomic_write_bytes(out, buf.getvalue())
-    print(f"{args.n} samples at temperature {args.temperature} -> {out}"
+    what = (f" of class {args.label}" if args.label is not None else " per class") if cols is not None or \
+        args.label is not None else ""
+    print(f"{args.n} samples{what} at temperature {args.temperature} -> {out}"
           + (f" ({n_bad} non-finite)" if n_bad else ""))
     return 0
