@@ -276,3 +276,14 @@ def test_conditional_training_step_reads_the_device_once_and_evaluation_never(fl
     assert eval_syncs(f, log_prob, x) == 0
     with validation(False):
         assert torch.equal(log_prob(x), f.log_prob(x, context=one_hot(y, 10)))
+
+
+def test_readme_conditional_snippet_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "cinn(" in b]
+    env: dict = {}
+    exec(compile(block, "README.md (cinn)", "exec"), env)
+    assert env["report"].verdict.invertible and len(env["report"].families) == 40  # 4 families x 10 classes

@@ -12,9 +12,11 @@ PGD) runs on each map as it is.
 
 The report has one family per (family, context): ``"test | class 3"`` (a one-hot context is named
 by its class, others ``"context j"``, their values in ``meta["contexts"]``); the verdict is the
-merged one. The per-family point budgets (``repeat_points``, ``spectra_points``,
-``localize_points``, the attack's ``examples``, the time ``budget``) and ``n`` are shared among the
-contexts, so the audit costs about what the unconditional one does. At most :data:`MAX_CONTEXTS`
+merged one. ``n`` (examples per family, default all) is shared among the contexts in proportion to
+their examples, so a latent family draws one sample per audited data example, with its context;
+the per-family point budgets (``repeat_points``, ``spectra_points``, ``localize_points``, the
+attack's ``examples``, the time ``budget``) are split evenly, so the audit costs about what the
+unconditional one does. At most :data:`MAX_CONTEXTS`
 distinct contexts are audited (chosen at random with ``seed`` when there are more, e.g. a
 continuous context with one value per example); the report's notes say how many examples that left out.
 """
@@ -106,8 +108,10 @@ def _sub_options(options: dict, groups: int, n_rows: int | None, n: int | None, 
         if "examples" in kw:
             kw["examples"] = max(1, math.ceil(kw["examples"] / groups))
         out["attack_kwargs"] = kw or None
-    share = math.ceil((n if n is not None else (total or 1)) / groups)
-    out["n"] = max(share, n_rows or 0) if n is None else share  # latent families: about n / G samples each
+    if n_rows is None:  # no data: the contexts to sample under share n
+        out["n"] = None if n is None else max(1, math.ceil(n / groups))
+    else:  # n (default: every example) in proportion to the examples of each context
+        out["n"] = n_rows if n is None or n >= total else max(1, math.ceil(n * n_rows / total))
     return out
 
 
