@@ -53,7 +53,8 @@ def jsonable(obj: Any) -> Any:
 def _spectra_dict(s) -> dict | None:
     if s is None:
         return None
-    return {"method": s.method, "dtype": s.dtype, "index": s.index, "fwd_smin": s.fwd_smin, "fwd_smax": s.fwd_smax,
+    return {"method": s.method, "dtype": s.dtype, "steps": s.steps, "errors": s.errors, "index": s.index,
+            "fwd_smin": s.fwd_smin, "fwd_smax": s.fwd_smax,
             "fwd_cond": s.fwd_cond, "inv_smin": s.inv_smin, "inv_smax": s.inv_smax, "inv_cond": s.inv_cond,
             "logdet_analytic": s.logdet_analytic, "logdet_numeric": s.logdet_numeric,
             "logdet_mismatch": s.logdet_mismatch}
@@ -103,8 +104,8 @@ class AuditReport:
         if r.localization is not None:
             loc = r.localization
             d["localization"] = {"mode": loc.mode, "n_examples": loc.n_examples, "culprit": loc.culprit,
-                                 "reason": loc.reason, "max_gain_layer": loc.max_gain_layer,
-                                 "layers": [asdict(x) for x in loc.layers]}
+                                 "reason": loc.reason, "max_gain_layer": loc.max_gain_layer, "path": loc.path,
+                                 "note": loc.note, "layers": [asdict(x) for x in loc.layers]}
         return d
 
     def to_dict(self) -> dict:
@@ -130,9 +131,19 @@ class AuditReport:
         return text
 
     def summary(self) -> str:
-        """The verdict table plus timings."""
-        t = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
-        return self.verdict.table() + f"\ntimings: {t}"
+        """The headline when the audit could not run a family, the verdict table, what the time
+        budget cut, the notes and the timings."""
+        lines = []
+        if self.verdict.could_not_run:
+            lines.append(f"could not run: {self.verdict.first_error}")
+        lines.append(self.verdict.table())
+        cuts = (self.meta.get("budget") or {}).get("cuts") or []
+        if cuts:
+            lines.append(f"time budget {self.meta['budget']['seconds']:g} s; cut to keep it:")
+            lines += [f"  - {c}" for c in cuts]
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
+        return "\n".join(lines)
 
     def to_html(self, path: str | Path) -> Path:
         """Write a self-contained HTML page (plots embedded as base64 PNG); returns the path."""
