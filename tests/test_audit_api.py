@@ -39,7 +39,7 @@ def _ref_errors(x, fwd, inv):
     l2 = torch.linalg.norm(d, dim=1)
     linf = torch.linalg.norm(d, ord=math.inf, dim=1)
     rel = l2 / torch.linalg.norm(x.double().reshape(x.shape[0], -1), dim=1)
-    bad = ~torch.isfinite(d).all(dim=1)  # DESIGN.md: a non-finite reconstruction has error inf
+    bad = ~torch.isfinite(d).all(dim=1)  # docs/METRICS.md: a non-finite reconstruction has error inf
     for e in (l2, linf, rel):
         e[bad] = math.inf
     return l2, linf, rel

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from stableflows.cli import main
+from stableflows.train.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_audit_cli_planted_tiny_scale_checkpoint_fails(run_dir, tmp_path, capsys
     state[k] = state[k].clone()
     state[k].view(-1)[0] = -120.0
     bad = tmp_path / "planted.pt"
-    torch.save(ckpt, bad)
+    save_checkpoint(bad, ckpt)  # re-sealed: the checksums of the original would (rightly) refuse the edit
     capsys.readouterr()
     code = main(["audit", str(bad), "--families", "test", "--repeat", "0", "--spectra-points", "0",
                  "--report", str(tmp_path / "planted"), "--tolerance", "1e-2", "--fail-on-noninvertible",

@@ -12,7 +12,7 @@ name                   inputs
 ``uniform``, ``gaussian``, ``constant``, ``grayed``, ``inverted``, ``out_of_range``,
 ``natural_patches``    the OOD families of :func:`stableflows.data.ood.ood_family`
                        (``noise`` = uniform + gaussian, ``patches`` = natural_patches,
-                       ``ood`` = all seven)
+                       ``ood`` = all seven; ``grayed_mid`` and ``digits28`` (28x28) are named only)
 =====================  ==========================================================================
 
 ``all`` is every family but ``train``. A latent family's generated ``x`` is then round-tripped like
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError
+from ..data.ood import EXTRA_FAMILIES, FAMILY_DESCRIPTIONS
 
 __all__ = ["FamilyInput", "expand_families", "build_family", "TEMPERATURES", "CLIP_THRESHOLDS",
            "CLIP_TEMPERATURE", "DEFAULT_FAMILIES", "OOD_NAMES"]
@@ -34,10 +35,10 @@ __all__ = ["FamilyInput", "expand_families", "build_family", "TEMPERATURES", "CL
 TEMPERATURES = (1.0, 0.7, 0.0)
 CLIP_THRESHOLDS = (1000.0, 100.0, 10.0)
 CLIP_TEMPERATURE = 0.0  # paper 003 samples z = 0 with clipped activations
-OOD_NAMES = ("uniform", "gaussian", "constant", "grayed", "inverted", "out_of_range", "natural_patches")
+OOD_NAMES = ("uniform", "gaussian", "constant", "grayed", "inverted", "out_of_range", "natural_patches") + EXTRA_FAMILIES
 DEFAULT_FAMILIES = ("test", "samples", "clipped", "noise", "constant", "grayed", "inverted", "out_of_range",
                     "patches")
-_ALIASES = {"noise": ("uniform", "gaussian"), "patches": ("natural_patches",), "ood": OOD_NAMES}
+_ALIASES = {"noise": ("uniform", "gaussian"), "patches": ("natural_patches",), "ood": tuple(n for n in OOD_NAMES if n not in EXTRA_FAMILIES)}
 
 
 def _fmt(v: float) -> str:
@@ -140,7 +141,7 @@ def build_family(name: str, model, *, test: Tensor, train: Tensor | None = None,
 
         m = min(n, n_ref)
         x = ood_family(name, test, m, seed=seed, levels=levels)
-        return FamilyInput(name, "data", _OOD_DESCRIPTIONS[name], x=x.to(test.dtype))
+        return FamilyInput(name, "data", _OOD_DESCRIPTIONS.get(name) or FAMILY_DESCRIPTIONS[name], x=x.to(test.dtype))
     raise ConfigError(f"unknown audit family {name!r}")
 
 

@@ -1,4 +1,4 @@
-"""Reconstruction error per example: ``x_hat = F^-1(F(x))`` (DESIGN.md, paper 000 Fig. 2-5).
+"""Reconstruction error per example: ``x_hat = F^-1(F(x))`` (docs/METRICS.md, paper 000 Fig. 2-5).
 
     err_2 = ||x - x_hat||_2,   err_inf = ||x - x_hat||_inf,   err_rel = err_2 / max(||x||_2, REL_FLOOR)
 

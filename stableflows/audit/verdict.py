@@ -1,4 +1,4 @@
-"""Verdicts: is a flow invertible within the tolerance on a family of inputs? (DESIGN.md)
+"""Verdicts: is a flow invertible within the tolerance on a family of inputs? (docs/METRICS.md)
 
 A family is **invertible** when every example in the model's domain reconstructs finitely with
 error ``<= tolerance`` (``criterion``: ``"l2"`` (default), ``"linf"`` or ``"rel"``). Examples the

@@ -42,7 +42,7 @@ from ..train.supervised import ClassificationObjective, evaluate_classifier
 __all__ = ["supervised_table", "gradient_angle_curve", "regression_2d", "decorrelation", "EXPERIMENTS",
            "DIGITS_SETTINGS", "PAPER_SETTINGS"]
 
-TOLERANCE = 1e-3  # DESIGN.md: invertible within tolerance (L2 reconstruction error, float32, data in [0, 1])
+TOLERANCE = 1e-3  # docs/METRICS.md: invertible within tolerance (L2 reconstruction error, float32, data in [0, 1])
 GRAD_CLIP = 50.0
 DIGITS_SETTINGS = dict(levels=2, steps_per_level=4, hidden=32, batch_size=64, lr=1e-3, steps=1500,
                        fd_weight=1e-3, fd_every=10, fd_eps=0.1, nf_weight=0.02, angle_every=25, track_every=50)

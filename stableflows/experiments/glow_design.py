@@ -253,7 +253,7 @@ def train_variant(name: str, size: DesignSize, splits, out_dir: Path, *, seed: i
     t0 = time.perf_counter()
     diverged = None
     try:
-        res = train(cfg, model=flow, splits=splits, callbacks=[on_eval])
+        res = train(cfg, model=flow, splits=splits, callbacks=[on_eval], overwrite=True)
         test_bpd, nonfinite = res.test, res.nonfinite_steps
     except TrainingDiverged as e:
         diverged, test_bpd, nonfinite = str(e), math.nan, None

@@ -63,7 +63,7 @@ def hybrid_table(out_dir: Path, *, quick: bool = False, seed: int = 0, data: str
             torch.manual_seed(seed)
             model = hybrid(shape=splits.shape, n_classes=n_classes, block=block, lam=lam, levels=st["levels"],
                            steps_per_level=st["steps_per_level"], hidden=st["hidden"], config=mcfg)
-            res = train(cfg, model=model, splits=splits, objective=HybridObjective())
+            res = train(cfg, model=model, splits=splits, objective=HybridObjective(), overwrite=True)
             tm = res.test_metrics
             row = {"block": block, "lam": lam_name, "test_acc": 100.0 * tm.get("acc", math.nan),
                    "test_bpd": tm.get("bpd", math.nan), "steps": res.steps, "train_time_s": res.train_time,

@@ -105,7 +105,7 @@ def ablation(out_dir: Path, *, quick: bool = False, seed: int = 0, time_budget: 
     rows = []
     for i, (name, spec) in enumerate(ABLATION_MODELS.items()):
         cfg = _cfg(out_dir / f"run{i}", {**arch, **spec}, tkw, seed=seed, flatten=True)
-        res = train(cfg)
+        res = train(cfg, overwrite=True)  # a re-run of the experiment replaces its runs
         rows.append({**spec, "family": spec["model"], "model": name, "test_bpd": res.test, "best_val_bpd": res.best_val,
                      "best_step": res.best_step, "steps": res.steps, "train_time_s": res.train_time,
                      "steps_per_s": res.steps_per_s, "n_params": res.n_params})
@@ -165,7 +165,7 @@ def bias(out_dir: Path, *, quick: bool = False, seed: int = 0, n_series_terms: i
             curve.append({"step": record["step"], "objective_bpd": objective, "actual_bpd": actual,
                           "train_objective_bpd": record.get("train_bpd")})
 
-        res = train(cfg, model=model, splits=splits, callbacks=[on_eval])
+        res = train(cfg, model=model, splits=splits, callbacks=[on_eval], overwrite=True)
         curves[name] = {"points": curve, "test_bpd_20terms": res.test, "steps": res.steps, **spec,
                         "n_series_terms": n_series_terms if spec["estimator"] == "series" else None}
         last = curve[-1]
@@ -235,7 +235,7 @@ def checkerboard(out_dir: Path, *, quick: bool = False, seed: int = 0, steps: in
     for norm in ("spectral", "inf"):
         run = out_dir / norm
         cfg = _cfg(run, {**arch, "norm": norm}, tkw, data="checkerboard", seed=seed, n_toy=n_toy)
-        res = train(cfg, splits=splits)
+        res = train(cfg, splits=splits, overwrite=True)
         flow, _ = load_flow(run)  # the validation-selected EMA weights (best.pt)
         flow.eval()
         with torch.no_grad():

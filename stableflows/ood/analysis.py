@@ -17,7 +17,7 @@ returns an :class:`OODResult` (JSON summary + per-example arrays for the plots o
    inverse has exploded is flagged meaningless.
 
 Inputs: the discrete families of :mod:`stableflows.data.ood` are built on the level grid from the
-test split and dequantised with the fixed noise of seed 0 (DESIGN.md bits/dim); ``gaussian`` and
+test split and dequantised with the fixed noise of seed 0 (docs/METRICS.md bits/dim); ``gaussian`` and
 ``out_of_range`` are model-space families scored as given. A family named like a dataset
 (``mnist``, ``fashion-mnist``, ``cifar10``, ``svhn``) is that dataset's test split, read from local
 files (the paper's pairs).
@@ -34,7 +34,7 @@ from scipy.special import logsumexp
 from torch import Tensor, nn
 
 from ..config import ConfigError, DataConfig
-from ..data.ood import DISCRETE_FAMILIES, OOD_FAMILIES, discrete_ood_family, ood_family
+from ..data.ood import DISCRETE_FAMILIES, EXTRA_FAMILIES, FAMILY_DESCRIPTIONS, OOD_FAMILIES, discrete_ood_family, ood_family
 from ..data.registry import ALIASES as DATASET_ALIASES
 from ..metrics import nats_to_bpd
 from . import scores as S
@@ -125,16 +125,16 @@ def build_sets(splits, cfg: OODConfig = OODConfig()) -> dict[str, SetData]:
             raise ConfigError(f"family name {fam!r} clashes with a split name")
         if fam in DATASET_FAMILIES or fam in DATASET_ALIASES:
             sets[fam] = _dataset_family(DATASET_ALIASES.get(fam, fam), splits, cfg, n)
-        elif fam in DISCRETE_FAMILIES:
-            m = min(n, len(test_x)) if fam in ("grayed", "inverted") else n
+        elif fam in DISCRETE_FAMILIES or fam in EXTRA_FAMILIES:
+            m = min(n, len(test_x)) if fam in ("grayed", "grayed_mid", "inverted") else n
             x = discrete_ood_family(fam, test_x, m, levels=L, seed=cfg.seed)
-            sets[fam] = SetData(fam, "ood", fixed_dequantize(x, L), x, _DESCRIPTIONS.get(fam, fam))
+            sets[fam] = SetData(fam, "ood", fixed_dequantize(x, L), x, _DESCRIPTIONS.get(fam) or FAMILY_DESCRIPTIONS[fam])
         elif fam in OOD_FAMILIES:
             m = min(n, len(test_x)) if fam == "out_of_range" else n
             v = ood_family(fam, sets["test"].v, m, seed=cfg.seed, levels=L).double()
             sets[fam] = SetData(fam, "ood", v, None, _DESCRIPTIONS.get(fam, fam))
         else:
-            raise ConfigError(f"unknown OOD family {fam!r}; known: {', '.join(OOD_FAMILIES + DATASET_FAMILIES)}")
+            raise ConfigError(f"unknown OOD family {fam!r}; known: {', '.join(OOD_FAMILIES + EXTRA_FAMILIES + DATASET_FAMILIES)}")
     return sets
 
 

@@ -8,7 +8,7 @@ graying (Fig. 6b, sec. 5).
   0 (a constant image); the second-order analysis predicts that shrinking the variance raises the
   likelihood (for a constant-volume flow, for every parameter setting).
 
-All probes return model-space inputs; :func:`bpd_of` scores them with the DESIGN.md formula
+All probes return model-space inputs; :func:`bpd_of` scores them with the docs/METRICS.md formula
 ``bpd = -(log p(v) - D ln L) / (D ln 2)`` (the dequantised value ``v`` taken as given).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .decompose import likelihood_terms
 __all__ = ["GRAY_FACTORS", "constant_inputs", "random_inputs", "graying_curve", "bpd_of", "fixed_dequantize"]
 
 GRAY_FACTORS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 0.0)  # contrast kept: 1 = unchanged, 0 = constant
-FIXED_NOISE_SEED = 0  # DESIGN.md: test bits/dim use u drawn with seed 0
+FIXED_NOISE_SEED = 0  # docs/METRICS.md: test bits/dim use u drawn with seed 0
 
 
 def fixed_dequantize(x_int: Tensor, levels: int, seed: int = FIXED_NOISE_SEED) -> Tensor:

@@ -2,7 +2,7 @@
 
     from stableflows.config import RunConfig
     from stableflows.train import train
-    result = train(RunConfig())          # digits Glow; outputs under runs/default
+    result = train(RunConfig())          # digits Glow; outputs under a new runs/glow-digits-<UTC time>
     result.test_bpd, result.steps_per_s
 """
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
