@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .verdict import NOT_INVERTIBLE, OUTSIDE_DOMAIN, Verdict
 
-__all__ = ["AuditReport", "jsonable"]
+__all__ = ["AuditReport", "jsonable", "new_report_dir", "write_text", "earlier_report"]
 
 NONFINITE_COLOR = "tab:orange"  # paper 000 Fig. 2/5 mark inf / nan in orange
 
@@ -126,8 +126,7 @@ class AuditReport:
         """The report as strict JSON (written to ``path`` too when given)."""
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text)
+            write_text(path, text)
         return text
 
     def summary(self) -> str:
@@ -150,9 +149,51 @@ class AuditReport:
         from .plots import render_html
 
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(render_html(self))
+        write_text(p, render_html(self))
         return p
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` atomically (a temporary file in the same directory, then a rename), with the
+    mode the user's umask gives a new file."""
+    import os
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p
+
+
+def new_report_dir(parent: str | Path, label: str) -> Path:
+    """A directory ``parent/<label>-<YYYYmmdd-HHMMSS>`` that does not exist yet (``-2``, ``-3`` ...
+    appended if needed), created: every invocation gets its own, nothing is overwritten."""
+    import time
+
+    parent = Path(parent)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = f"{label}-{stamp}" if label else stamp
+    for k in range(1, 10000):
+        d = parent / (base if k == 1 else f"{base}-{k}")
+        try:
+            d.mkdir(parents=True, exist_ok=False)
+            return d
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free report directory under {parent}")
+
+
+def earlier_report(out: Path, names: tuple[str, ...]) -> list[str]:
+    """The report files of an earlier run already in ``out`` (they are about to be replaced)."""
+    return [n for n in names if (Path(out) / n).exists()]
 
 
 def _col(t: Tensor, how: str) -> list:
