@@ -106,6 +106,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch.set_num_threads
     progress: bool = True
+    compile: bool = False  # torch.compile the model's entry points after initialisation (Flow.compile)
     # objective (stableflows.train.supervised.make_objective for classification / hybrid)
     objective: str = "likelihood"  # likelihood | classification | hybrid
     label_smoothing: float = 0.0

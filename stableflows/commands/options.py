@@ -103,6 +103,8 @@ HELP: dict[str, str] = {
     "train.device": "auto (CUDA when available) | cpu | cuda | cuda:N",
     "train.threads": "CPU threads of PyTorch (torch.set_num_threads); none = PyTorch's default",
     "train.progress": "show a progress bar with the live training bits/dim (off when stderr is not a terminal)",
+    "train.compile": "torch.compile the model (log_prob, forward, inverse) after its initialisation; the first "
+                     "steps compile (minutes on a CPU), later ones run the compiled code",
     "train.objective": "likelihood (bits/dim of a flow) | classification (cross-entropy of a classifier, "
                        "optionally with FD / NF regularisers) | hybrid (lambda (-log p(x)) - log p(y|x)); "
                        "classification and hybrid need labels and --model classifier or hybrid",

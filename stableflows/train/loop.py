@@ -608,6 +608,8 @@ def _train(cfg: RunConfig, env: DistEnv, resume: bool, model: nn.Module | None, 
     elif env.is_main:
         for stale in ("metrics.jsonl", "best.pt", "last.pt"):
             (out / stale).unlink(missing_ok=True)
+    if cfg.train.compile:  # after the data-dependent initialisation and the EMA copy (not compiled)
+        model.compile()
     tr.start_distributed()
     return _run(tr)
 
