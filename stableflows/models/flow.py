@@ -81,7 +81,11 @@ class Flow(nn.Module):
         """Compile ``forward``, ``inverse`` and ``log_prob`` with ``torch.compile(**options)`` in place
         (e.g. ``fullgraph=True``, ``mode="max-autotune"``); returns ``self``. Initialise data-dependent
         layers first (one training-mode forward: ActNorm), so that the compiled code has no branch on
-        the device. Deep copies (EMA, the audit's float64 shadow) and pickles are not compiled."""
+        the device. Deep copies (EMA, the audit's float64 shadow) and pickles are not compiled.
+        Shapes are static unless ``dynamic`` is given: every flow shares the layers' code, and with
+        automatic dynamic shapes a second flow of another image size made Inductor compile symbolic
+        sizes (torch 2.13: "cannot determine truth value of Relational" at 28x28 after 8x8)."""
+        options.setdefault("dynamic", False)
         self.__dict__["_compiled"] = {name: torch.compile(self._eager(name), **options) for name in self._ENTRIES}
         return self
 
