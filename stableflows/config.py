@@ -115,6 +115,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads
     progress: bool = True
     log_every: float = 30.0  # seconds between progress lines when stdout is not a terminal
+    compile: bool = False  # torch.compile the model's entry points after initialisation (Flow.compile)
     # objective (stableflows.train.supervised.make_objective for classification / hybrid)
     objective: str = "likelihood"  # likelihood | classification | hybrid
     label_smoothing: float = 0.0

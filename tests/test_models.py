@@ -177,3 +177,23 @@ def test_nested_layers_trust_the_checked_input():
     flow.log_prob(torch.rand(2, 1, 8, 8) * 0.9 + 0.05)
     flow.inverse(torch.randn(2, 64))
     assert calls == []
+
+
+def test_configs_of_earlier_checkpoints_rebuild_the_same_model():
+    """Checkpoints written before issue 16 store power_atol = 1e-6, power_rtol = 1e-4 and no
+    train.compile: they still parse, rebuild the adaptive power iteration they trained with, and
+    their state dicts (unchanged layout) load strictly."""
+    from stableflows.config import RunConfig
+    from stableflows.transforms.lipschitz import LipschitzLinear
+
+    old = RunConfig().to_dict()
+    old["model"].update(model="resflow", hidden=8, levels=1, steps_per_level=2, power_atol=1e-6, power_rtol=1e-4)
+    del old["train"]["compile"]
+    cfg = RunConfig.from_dict(old)
+    assert cfg.train.compile is False
+    flow = build_model(cfg.model, (4,))
+    lips = [m for m in flow.modules() if isinstance(m, LipschitzLinear)]
+    assert lips and all(m.atol == 1e-6 and m.rtol == 1e-4 for m in lips)
+    now = build_model(ModelConfig(model="resflow", hidden=8, levels=1, steps_per_level=2), (4,))
+    assert all(m.atol is None and m.rtol is None for m in now.modules() if isinstance(m, LipschitzLinear))
+    flow.load_state_dict(now.state_dict())  # strict: the same keys and shapes
