@@ -104,6 +104,15 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
 
+LIST_WIDTH = 110  # characters of an experiment's description in --list
+
+
+def _first_sentence(fn) -> str:
+    """The docstring's first paragraph on one line, cut to :data:`LIST_WIDTH` characters."""
+    para = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "")
+    return para if len(para) <= LIST_WIDTH else para[:LIST_WIDTH - 3].rstrip() + "..."
+
+
 def _table_text(out: Path) -> str | None:
     for name in ("seeds.md", "table.md"):
         if (out / name).is_file():
@@ -122,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
     experiments = registry()
     if args.list or not args.name:
         for name, fn in experiments.items():
-            doc = (fn.__doc__ or "").strip().splitlines()
-            print(f"{name:28s} {doc[0] if doc else ''}")
+            print(f"{name:28s} {_first_sentence(fn)}")
         return OK if args.list else USAGE
     if args.name not in experiments:
         print(f"error: unknown experiment {args.name!r}; choose one of: {', '.join(experiments)}", file=sys.stderr)
