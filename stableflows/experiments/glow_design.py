@@ -68,6 +68,7 @@ __all__ = ["DesignSize", "QUICK", "FULL", "VARIANTS", "build_variant", "add_rand
 
 STABLE_ACTIVATION = 1e4  # largest |activation| of an unclipped z = 0 sample still counted as stable
 SCALE_FLOOR = 1e-30  # smallest scale shown on the log axis of the Fig. 3 histogram
+LOGIT_ALPHA = 0.05  # the setting of the README's figures (measured before the library default became 0.003)
 
 VARIANTS: dict[str, dict] = {
     "affine_exp": dict(coupling="affine", scale="exp"),
@@ -136,10 +137,10 @@ def build_variant(name: str, size: DesignSize, *, shape=(1, 8, 8), seed: int = 0
     spec = dict(VARIANTS[name])
     randomized = spec.pop("randomized", False)
     cfg = ModelConfig(model="glow", hidden=size.hidden, levels=size.levels, steps_per_level=size.steps_per_level,
-                      coupling=spec["coupling"], scale=spec["scale"], permutation="lu")
+                      coupling=spec["coupling"], scale=spec["scale"], permutation="lu", logit_alpha=LOGIT_ALPHA)
     torch.manual_seed(seed)
     flow = glow(shape=shape, levels=size.levels, steps_per_level=size.steps_per_level, hidden=size.hidden,
-                coupling=spec["coupling"], scale=spec["scale"], permutation="lu", config=cfg)
+                coupling=spec["coupling"], scale=spec["scale"], permutation="lu", logit_alpha=LOGIT_ALPHA, config=cfg)
     if randomized:
         add_randomized_splits(flow, seed=1000 + seed)
     return flow, cfg

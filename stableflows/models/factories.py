@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from ..config import DEFAULT_LOGIT_ALPHA
 from ..transforms.base import Compose, ShapeError, Transform
 from ..transforms.coupling import AdditiveCoupling, AffineCoupling
 from ..transforms.splines import SplineCoupling
@@ -118,7 +119,8 @@ def _build(shape, *, levels, steps_per_level, logit_alpha, split_prior, config, 
 
 def glow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hidden: int = 64,
          coupling: str = "affine", scale: str = "sigmoid", permutation: str = "lu", mask: str = "channel",
-         logit_alpha: float = 0.05, split_prior: bool = True, actnorm: bool = True, config=None) -> Flow:
+         logit_alpha: float = DEFAULT_LOGIT_ALPHA, split_prior: bool = True, actnorm: bool = True,
+         config=None) -> Flow:
     """Glow: ``levels`` x (squeeze, ``steps_per_level`` x [ActNorm, 1x1 conv, coupling], split).
 
     For vectors there is one scale with ``levels * steps_per_level`` steps.
@@ -129,7 +131,8 @@ def glow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hid
 
 
 def realnvp(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hidden: int = 64,
-            scale: str = "exp", mask: str = "checkerboard", logit_alpha: float = 0.05, actnorm: bool = True,
+            scale: str = "exp", mask: str = "checkerboard", logit_alpha: float = DEFAULT_LOGIT_ALPHA,
+            actnorm: bool = True,
             config=None) -> Flow:
     """RealNVP: affine couplings with alternating masks (no 1x1 conv), ActNorm in place of batch norm,
     multi-scale with fixed standard-normal split priors."""
@@ -139,7 +142,7 @@ def realnvp(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, 
 
 
 def nice(*, shape: Sequence[int], levels: int = 1, steps_per_level: int = 4, hidden: int = 64,
-         mask: str = "channel", logit_alpha: float = 0.05, config=None) -> Flow:
+         mask: str = "channel", logit_alpha: float = DEFAULT_LOGIT_ALPHA, config=None) -> Flow:
     """NICE: additive couplings alternating halves, then a learned diagonal scaling (the only
     volume change besides the logit)."""
     return _build(shape, levels=levels, steps_per_level=steps_per_level, logit_alpha=logit_alpha,

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ..config import ModelConfig
+from ..config import DEFAULT_LOGIT_ALPHA, ModelConfig
 from ..transforms.base import Compose, ShapeError, Transform
 from ..transforms.elementwise import Logit
 from ..transforms.lipschitz import (DEFAULT_COEFF, DEFAULT_MAX_POWER_ITER, DEFAULT_POWER_ATOL, DEFAULT_POWER_RTOL,
@@ -160,7 +160,7 @@ def _build(*, shape, levels, steps_per_level, hidden, logit_alpha, actnorm, coef
 
 
 def resflow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hidden: int = 64,
-            logit_alpha: float = 0.05, actnorm: bool = True, coeff: float = DEFAULT_COEFF,
+            logit_alpha: float = DEFAULT_LOGIT_ALPHA, actnorm: bool = True, coeff: float = DEFAULT_COEFF,
             activation: str = "lipswish", norm: str = "spectral", estimator: str = "roulette",
             n_exact_terms: int = 2, eval_exact_terms: int = 20, n_samples: int = 1, dist: str = "geometric",
             p: float | None = None, probe: str = "gaussian", n_series_terms: int = 5, neumann_grad: bool = True,
@@ -192,7 +192,7 @@ def resflow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, 
 
 
 def iresnet(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hidden: int = 64,
-            logit_alpha: float = 0.05, actnorm: bool = True, coeff: float = IRESNET_DEFAULTS["coeff"],
+            logit_alpha: float = DEFAULT_LOGIT_ALPHA, actnorm: bool = True, coeff: float = IRESNET_DEFAULTS["coeff"],
             activation: str = IRESNET_DEFAULTS["activation"], norm: str = "spectral",
             estimator: str = IRESNET_DEFAULTS["estimator"], n_exact_terms: int = 2, eval_exact_terms: int = 20,
             n_samples: int = 1, dist: str = "geometric", p: float | None = None, probe: str = "gaussian",
