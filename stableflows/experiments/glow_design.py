@@ -77,6 +77,7 @@ __all__ = ["DesignSize", "QUICK", "FULL", "VARIANTS", "build_variant", "feasible
 
 STABLE_ACTIVATION = 1e4  # largest |activation| of an unclipped z = 0 sample still counted as stable
 SCALE_FLOOR = 1e-30  # smallest scale shown on the log axis of the Fig. 3 histogram
+LOGIT_ALPHA = 0.05  # the setting of the README's figures (measured before the library default became 0.003)
 
 ARRANGEMENT = "factored"  # Daniels' Fig. 2: the factored-out noise conditions the next coupling
 VARIANTS: dict[str, dict] = {
@@ -141,7 +142,8 @@ def build_variant(name: str, size: DesignSize, *, shape=(1, 8, 8), seed: int = 0
         raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
     spec = {"split_condition": ARRANGEMENT, **VARIANTS[name]}
     cfg = ModelConfig(model="glow", hidden=size.hidden, levels=feasible_levels(shape, size.levels),
-                      steps_per_level=size.steps_per_level, permutation="lu", **spec)
+                      steps_per_level=size.steps_per_level, permutation="lu", logit_alpha=LOGIT_ALPHA,
+                      **spec)
     torch.manual_seed(seed)
     return build_model(cfg, shape), cfg
 
