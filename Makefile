@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/stableflows train --config configs/demo.toml
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/stableflows train --config configs/demo.toml --overwrite
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest tests

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return int(args._run(args) or OK)
         except KeyboardInterrupt as e:  # train saved last.pt first and says so
-            print(f"stableflows {args.command}: {e or 'interrupted'}", file=sys.stderr)
+            print(f"stableflows {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
             return INTERRUPTED
         except Exception as e:  # noqa: BLE001 - mapped to an exit status with a one-line message
             return _report(args, e)

@@ -78,9 +78,12 @@ def _recomputing() -> Iterator[None]:
     _RECOMPUTING[0] += 1
     tracers = list(_base._ACTIVE_TRACERS)  # recomputations are not layer calls a user made
     _base._ACTIVE_TRACERS.clear()
+    inside = _base._SWITCHES.inside
+    _base._SWITCHES.inside = True  # inputs checked in the forward pass: no entry checks (device reads) again
     try:
         yield
     finally:
+        _base._SWITCHES.inside = inside
         _base._ACTIVE_TRACERS.extend(tracers)
         _RECOMPUTING[0] -= 1
 

@@ -35,6 +35,10 @@ ENTRIES = {
     "glow_img_additive_shuffle": Entry(
         build=lambda: glow(shape=IMG, levels=1, steps_per_level=2, hidden=8, coupling="additive",
                            permutation="shuffle", logit_alpha=0.0), shape=IMG, domain="unit", gradcheck=False),
+    "glow_img_split_factored_shuffled": Entry(
+        build=lambda: glow(shape=IMG, levels=2, steps_per_level=2, hidden=8, split_condition="factored",
+                           split_shuffle=True, scale="biased_sigmoid", scale_floor=0.05), shape=IMG, domain="unit",
+        gradcheck=False),
     "glow_vec": Entry(build=lambda: glow(shape=(6,), levels=1, steps_per_level=3, hidden=8, scale="tanh_clamp"),
                       shape=(6,), domain="unit"),
     "realnvp_img": Entry(build=lambda: realnvp(shape=IMG, levels=2, steps_per_level=2, hidden=8), shape=IMG,

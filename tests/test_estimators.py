@@ -27,6 +27,7 @@ from stableflows.estimators import (
     sample_probe,
 )
 from stableflows.transforms.activations import LipSwish
+from stableflows.transforms.base import collect_stats, read_stats
 from stableflows.transforms.lipschitz import SpectralLinear
 from stableflows.transforms.residual import conv_lipschitz, mlp_lipschitz
 
@@ -298,8 +299,11 @@ def test_exact_estimator_reports_nonpositive_determinants():
             return -2.0 * x  # I + J = -I: det = -1 in odd dimension
 
     est = ExactEstimator()
-    _, ld = est(_Flip(), torch.randn(4, 3, dtype=D64), training=False)
-    assert est.stats["nonpositive_det"] == 4.0 and torch.allclose(ld, torch.zeros(4, dtype=D64))
+    est(_Flip(), torch.randn(4, 3, dtype=D64), training=False)
+    assert "nonpositive_det" not in est.stats  # a device value: only when asked
+    with collect_stats():
+        _, ld = est(_Flip(), torch.randn(4, 3, dtype=D64), training=False)
+    assert read_stats(est)["nonpositive_det"] == 4.0 and torch.allclose(ld, torch.zeros(4, dtype=D64))
 
 
 # ----------------------------------------------------------------------------- counts and probes

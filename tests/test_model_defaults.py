@@ -6,7 +6,7 @@ written next to it in ``stableflows/config.py``) for every factory and the CLI.
 The invertible classifier has one default coupling, the same from Python, from a config and from
 the command line: additive (poster 001: Lip(F) and Lip(F^-1) of additive blocks are bounded
 globally, of affine blocks only locally; in the supervised table affine without regulariser is the
-row that is not invertible). ``coupling = "default"`` is the model's own default; flows keep affine."""
+row that is not invertible). ``coupling = None`` (not given) is the model's own default; flows keep affine."""
 from __future__ import annotations
 
 import os
@@ -41,7 +41,7 @@ def test_python_config_and_cli_classifiers_agree_on_additive():
     small = dict(levels=1, steps_per_level=2, hidden=4)
     assert _couplings(classifier(shape=(1, 4, 4), **small)) == {AdditiveCoupling}
     cfg = ModelConfig(model="classifier", **small)
-    assert cfg.coupling == "default"
+    assert cfg.coupling is None
     assert _couplings(build_model(cfg, (1, 4, 4))) == {AdditiveCoupling}
     cli = _cli_config("--model", "classifier", "--levels", "1", "--steps-per-level", "2", "--hidden", "4")
     assert _couplings(build_model(cli.model, (1, 4, 4))) == {AdditiveCoupling}
@@ -56,7 +56,7 @@ def test_explicit_coupling_and_flow_defaults_are_kept():
     assert _couplings(glow(shape=(1, 4, 4), **small)) == {AffineCoupling}
     g = _cli_config("--model", "glow", "--levels", "1", "--steps-per-level", "2", "--hidden", "4")
     assert _couplings(build_model(g.model, (1, 4, 4))) == {AffineCoupling}
-    # a stored config with an explicit coupling (every checkpoint before "default") rebuilds as stored
+    # a stored config with an explicit coupling (every checkpoint before None meant "not given") rebuilds as stored
     old = RunConfig.from_dict({"model": {"model": "classifier", "coupling": "affine", **small}})
     assert _couplings(build_model(old.model, (1, 4, 4))) == {AffineCoupling}
 
@@ -81,7 +81,7 @@ def test_cli_trained_classifier_is_additive(tmp_path):
     from stableflows.train import load_flow
 
     model, ckpt = load_flow(out)
-    assert ckpt["config"]["model"]["coupling"] == "default"
+    assert ckpt["config"]["model"]["coupling"] is None
     assert _couplings(model) == {AdditiveCoupling}
 
 

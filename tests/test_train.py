@@ -346,6 +346,36 @@ def test_divergence_aborts_with_a_clear_error(tmp_path):
         train(cfg_for(tmp_path, steps=100), model=tiny_flow(), splits=tiny_splits(), objective=FlakyObjective({"all"}))
 
 
+class PoisonObjective(MaximumLikelihood):
+    """Sets one weight to inf at call ``at`` (as an overflowing update would)."""
+
+    def __init__(self, at):
+        self.calls, self.at = 0, at
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.calls == self.at:
+            with torch.no_grad():
+                next(iter(model.parameters())).view(-1)[0] = math.inf
+        return super().loss(model, batch)
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"non-finite by step 20 .*last good checkpoint is .*last.pt \(step 10\)"):
+        train(cfg_for(tmp_path, steps=40), model=tiny_flow(), splits=tiny_splits(), objective=PoisonObjective(15))
+    for name in ("last.pt", "best.pt"):
+        s = load_checkpoint(tmp_path / "run" / name)
+        assert s["step"] == 10 and all(bool(torch.isfinite(t).all()) for t in s["model"].values())
+    import fcntl
+
+    with open(tmp_path / "run" / ".lock") as f:  # the run directory's lock was released on the error path
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # poisoned before the first checkpoint: nothing is written and nothing is called good
+    with pytest.raises(TrainingDiverged, match="No checkpoint of this run was written"):
+        train(cfg_for(tmp_path, "early", steps=40), model=tiny_flow(), splits=tiny_splits(), objective=PoisonObjective(3))
+    assert not (tmp_path / "early" / "last.pt").exists() and not (tmp_path / "early" / "best.pt").exists()
+
+
 class ScoredObjective(MaximumLikelihood):
     """Brings its own evaluation: selection must follow ``metric`` (here minus the bits/dim)."""
 

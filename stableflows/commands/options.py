@@ -51,19 +51,32 @@ HELP: dict[str, str] = {
     "model.base": "base distribution p_Z of flows: normal (N(0, I)) | diag_normal (Gaussian with learned mean and "
                   "scale per latent entry) | mixture (--base-components Gaussians, learned weights, means and scales)",
     "model.base_components": "number of Gaussians of --base mixture",
-    "model.actnorm": "put an ActNorm layer (data-dependent initialisation) at the start of every flow step",
-    "model.coeff": "residual flows: Lipschitz coefficient c < 1 enforced on each residual branch by spectral normalisation",
-    "model.activation": "residual flows: Lipschitz-1 activation lipswish | elu | softplus",
+    "model.actnorm": "put an ActNorm layer (data-dependent initialisation) at the start of every flow step; "
+                     "not given: on, except residual flows on 2-D toys (their blocks then see the data's own scale)",
+    "model.split_condition": "glow: which half of the last coupling before each split is its conditioner input: "
+                             "kept (the half that continues, Glow's code) | factored (the factored-out half, "
+                             "Daniels 2019 Fig. 2: the noise feeds the next coupling's conditioner when sampling)",
+    "model.split_shuffle": "glow: a fixed random channel permutation between each level's last coupling and its "
+                           "split (Daniels' randomized splits)",
+    "model.scale_floor": "glow / realnvp: lower bound of the scale: eps of biased_sigmoid (default 0.5), a of bounded "
+                         "(default 0.5); not given: the default",
+    "model.coeff": "residual flows: Lipschitz coefficient c < 1 enforced on each residual branch by spectral "
+                   "normalisation; not given: 0.98 (resflow, hybrid), 0.9 (iresnet)",
+    "model.activation": "residual flows: Lipschitz-1 activation lipswish | elu | softplus; not given: lipswish "
+                        "(resflow, hybrid), elu (iresnet)",
     "model.estimator": "residual flows: log-det estimator exact (brute force, small D) | series (truncated "
-                       "power series, i-ResNet) | roulette (unbiased Russian roulette, Residual Flows)",
+                       "power series, i-ResNet) | roulette (unbiased Russian roulette, Residual Flows); "
+                       "not given: roulette (resflow, hybrid), series (iresnet)",
     "model.n_exact_terms": "residual flows: power-series terms always computed before the Russian roulette",
     "model.n_series_terms": "residual flows: terms of the truncated log-det power series (i-ResNet)",
-    "model.n_power_iter": "residual flows: power iterations per spectral-norm update",
+    "model.n_power_iter": "residual flows: minimum power iterations per spectral-norm update (continued adaptively); "
+                          "not given: 1 (resflow, iresnet), 5 (hybrid)",
     "model.neumann_grad": "residual flows: estimate the log-det gradient with the Neumann series (saves memory)",
     "model.grad_in_forward": "residual flows: compute the log-det gradient during the forward pass (saves memory)",
     "model.fc_blocks": "residual flows: fully connected residual blocks appended after the convolutional ones",
     "model.factor_out": "residual flows: factor out half the channels at each level (multi-scale)",
-    "model.norm": "residual flows: normalisation of weights: spectral (2-norm) | inf (induced infinity-norm)",
+    "model.norm": "residual flows: normalisation of weights: spectral (2-norm) | inf (induced infinity-norm) | "
+                  "one (induced 1-norm) | mixed (induced mixed p->q norms with learned orders in (1.5, 2.5), vectors)",
     "model.n_classes": "classifier / hybrid: number of classes of the head",
     "model.head": "classifier / hybrid: head on the latent: linear | mlp | bn_relu (flatten, BatchNorm, ReLU, "
                   "linear) | conv (3x3 conv, ReLU, global average pool, linear)",
@@ -80,7 +93,8 @@ HELP: dict[str, str] = {
     "model.eval_exact_terms": "residual flows: exact power-series terms of the roulette estimator in evaluation mode (paper: 20)",
     "model.mlp_layers": "residual flows: normalised linear layers per residual branch of vector models",
     "model.fc_hidden": "residual flows: width of the fully connected blocks after the last scale (0: same as --hidden)",
-    "model.power_atol": "residual flows: the adaptive power iteration stops when sigma changes by less than atol + rtol * sigma",
+    "model.power_atol": "residual flows: adaptive power iteration, stop when sigma changes by less than atol + rtol * sigma "
+                        "(one device read per iteration); none: exactly --n-power-iter iterations per step",
     "model.power_rtol": "residual flows: relative tolerance of the adaptive power iteration (see --power-atol)",
     "model.max_power_iter": "residual flows: cap on power iterations per training step (at least --n-power-iter run)",
     "model.inverse_atol": "residual flows: absolute tolerance of the fixed-point inverse of every block",
@@ -114,6 +128,8 @@ HELP: dict[str, str] = {
                       "--time-budget stops the run), one line every --log-every seconds when stdout is not",
     "train.log_every": "seconds between progress lines (step, loss, bits/dim, steps/s, ETA) when stdout is not a "
                        "terminal",
+    "train.compile": "torch.compile the model (log_prob, forward, inverse) after its initialisation; the first "
+                     "steps compile (minutes on a CPU), later ones run the compiled code",
     "train.objective": "likelihood (bits/dim of a flow) | classification (cross-entropy of a classifier, "
                        "optionally with FD / NF regularisers) | hybrid (lambda (-log p(x)) - log p(y|x)); "
                        "classification and hybrid need labels and --model classifier or hybrid",
@@ -124,6 +140,8 @@ HELP: dict[str, str] = {
                         "||F^-1(z + eps d) - F^-1(z)||^2 / eps^2 at z = F(x); 0 disables",
     "train.fd_eps": "finite-difference step eps of --fd-forward / --fd-inverse",
     "train.fd_every": "apply the finite-difference penalties every k-th step",
+    "train.fd_mode": "fd (finite differences; a row that explodes at the moved point enters through log1p of its "
+                     "penalty at a halved step) | jvp (the exact ||J d||^2 by double backward, stored activations)",
     "train.nf_weight": "classification: weight of the normalizing-flow objective (bits/dim, nats/dim on "
                        "continuous data) as a regulariser; 0 disables",
     "train.angle_every": "memory saving: every k steps also compute the stored-activation gradient and log the "

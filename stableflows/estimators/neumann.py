@@ -21,10 +21,15 @@ Gradient modes, all with respect to ``x`` and the parameters of ``g``:
   the batch and is exact only for a gradient ``dL/dlogdet_b`` equal for every example (a mean
   loss); for per-example weights ``w_b`` the published code silently returns ``mean(w) * sum_b``.
   Here backward checks this and, when the weights differ, rebuilds the surrogate from the kept
-  graph of ``g(x)`` and contracts it with the weights: exact, at the cost of one more pass.
+  graph of ``g(x)`` and contracts it with the weights: exact, at the cost of one more pass. The
+  check reads one device value per block; with input validation switched off
+  (:func:`~stableflows.transforms.base.validation`: the training loop, compiled code) it is not read,
+  and differing weights turn the parameter gradients NaN instead (every objective of the training
+  loop is a batch mean: one weight).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -99,10 +104,13 @@ class BackwardInForward(torch.autograd.Function):
         inputs = (ctx.x_, *g_params)
         with torch.enable_grad():
             total = list(torch.autograd.grad(ctx.gx, inputs, grad_gx, retain_graph=True, allow_unused=True))
-            if bool((grad_logdet == grad_logdet[0]).all()):  # one weight for the batch: stored gradients
-                per_example = grad_logdet.reshape(-1, *([1] * (ctx.x_.dim() - 1)))
-                gx_part = None if ctx.grads[0] is None else ctx.grads[0] * per_example
-                logdet_part = [gx_part] + [None if gr is None else gr * grad_logdet[0] for gr in ctx.grads[1:]]
+            one_weight = (grad_logdet == grad_logdet[0]).all()
+            from ..transforms.base import validation_enabled  # here: transforms imports this package
+
+            if not validation_enabled():  # no device read: NaN parameter gradients if the weights differ
+                logdet_part = _stored_gradients(ctx, grad_logdet, one_weight)
+            elif bool(one_weight):  # one weight for the batch: stored gradients
+                logdet_part = _stored_gradients(ctx, grad_logdet, None)
             else:  # per-example weights: rebuild the surrogate on the kept graph of g(x)
                 _, s = series_surrogate(ctx.gx, ctx.x_, v, coeffs, neumann=neumann, create_graph=True)
                 if s.requires_grad:
@@ -113,6 +121,23 @@ class BackwardInForward(torch.autograd.Function):
         grads = [_sum_grads(a, b) for a, b in zip(total, logdet_part)]
         grads[0] = grads[0] if ctx.needs_input_grad[1] else None
         return (None, *grads)
+
+
+def _stored_gradients(ctx, grad_logdet: Tensor, one_weight: Tensor | None) -> list:
+    """The log-det gradients stored in forward, scaled by the batch weight ``dL/dlogdet``: exact per
+    example for ``x``, exact for the parameters when every example has the same weight. With
+    ``one_weight`` (a device flag, not read) the parameter gradients become NaN where it is false, so
+    a loss with per-example weights fails loudly (non-finite gradients) instead of silently."""
+    per_example = grad_logdet.reshape(-1, *([1] * (ctx.x_.dim() - 1)))
+    gx_part = None if ctx.grads[0] is None else ctx.grads[0] * per_example
+    params = []
+    for gr in ctx.grads[1:]:
+        if gr is not None:
+            gr = gr * grad_logdet[0]
+            if one_weight is not None:
+                gr = torch.where(one_weight, gr, torch.full_like(gr, math.nan))
+        params.append(gr)
+    return [gx_part] + params
 
 
 def power_series_logdet(g: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, coeffs: Sequence[float], *,

@@ -8,7 +8,9 @@ is unbiased for every ``N`` with support on all of ``{1, 2, ...}``, because
 ``E[1{N >= j}] / P(N >= j) = 1``. ``n_samples`` independent counts ``N_1..N_S`` share one probe:
 term ``m + j`` gets the weight ``mean_s 1{N_s >= j} / P(N >= j)`` (evaluated up to ``max_s N_s``).
 One draw serves the whole batch (as in the published code: all examples need the same number of
-vector-Jacobian products anyway). The paper trains with ``m = 2``, ``N ~ Geom(0.5)`` (4 terms
+vector-Jacobian products anyway). The counts come from torch's global *CPU* generator, whatever the
+device of the model (so they are part of the saved RNG state, and drawing them reads no device
+value: the number of terms is known on the host before the series starts). The paper trains with ``m = 2``, ``N ~ Geom(0.5)`` (4 terms
 expected) and evaluates with ``m = 20`` plus the same unbiased tail.
 
 Counts:
@@ -46,8 +48,8 @@ class Geometric:
         self.p = float(p)
 
     def sample(self, n: int) -> list[int]:
-        u = torch.rand(n, dtype=torch.float64).clamp_min(MIN_UNIFORM)
-        return [int(c) for c in (torch.log(u) / math.log1p(-self.p)).floor().add(1)]
+        u = torch.rand(n, dtype=torch.float64).clamp_min(MIN_UNIFORM)  # torch's global CPU generator
+        return [int(c) for c in (torch.log(u) / math.log1p(-self.p)).floor().add(1).tolist()]  # host list
 
     def survival(self, j: int) -> float:
         """``P(N >= j)``."""
@@ -69,7 +71,7 @@ class Poisson:
         self.lam = float(lam)
 
     def sample(self, n: int) -> list[int]:
-        return [int(c) for c in torch.poisson(torch.full((n,), self.lam, dtype=torch.float64))]
+        return [int(c) for c in torch.poisson(torch.full((n,), self.lam, dtype=torch.float64)).tolist()]
 
     def _pmf(self, i: int) -> float:
         return math.exp(i * math.log(self.lam) - self.lam - math.lgamma(i + 1))

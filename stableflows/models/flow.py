@@ -13,6 +13,17 @@ for :meth:`Flow.sample_and_log_prob`. The sampling methods follow torch.distribu
 ``sample(shape)`` (no gradient), ``rsample(shape)`` (differentiable: reverse-KL / variational
 training), ``sample_and_log_prob`` / ``rsample_and_log_prob``; ``shape`` is an int ``n`` or a
 sample shape (``()``, ``(4,)``, ``torch.Size([2, 3])``) and the result has shape ``(*shape, *event)``.
+
+Inputs are validated once, at the public entry (``log_prob``, ``forward``, ``inverse``): a floating
+tensor of the model's dtype, a non-empty batch of the event shape, inside the domain of the first
+layer (e.g. the Logit's [0, 1]), and finite for ``log_prob`` (``forward`` / ``inverse`` propagate
+NaN / inf, which the audit counts); the layers inside trust it
+(:func:`~stableflows.transforms.base.validation` switches the checks off; compiled code skips them).
+
+``flow.compile(**torch_compile_options)`` compiles the three entry points in place
+(``torch.compile``; the model stays a :class:`Flow`, its checkpoints and copies are plain): the
+checks stay eager, in front of the compiled code, and traced calls (the audit, ``collect_stats``)
+run eagerly, so per-layer records are exactly those of the uncompiled model.
 """
 from __future__ import annotations
 
@@ -24,7 +35,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..transforms.base import LOG_2PI, Transform, check_finite, check_shape, sum_except_batch
+from ..transforms.base import (LOG_2PI, Transform, _module_dtype, check_finite, check_shape, check_tensor, run_checked,
+                               stats_wanted, sum_except_batch)
 from .distributions import BaseDistribution, StandardNormal, make_base
 
 SampleShape = Union[int, Sequence[int], torch.Size]
@@ -65,26 +77,72 @@ class Flow(nn.Module):
         return math.prod(self.shape)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.transform(x)
+        return run_checked(lambda v: self.check_input(v, finite=False), self._entry("forward"), x)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self.transform.inverse(z)
+        return run_checked(self.check_latent, self._entry("inverse"), z)
 
-    def check_input(self, x: Tensor, what: str = "input") -> None:
-        """Raise a named error for a wrong shape, a non-float dtype or NaN/inf entries."""
-        check_finite(x, what)
+    # ------------------------------------------------------------------ compilation
+    _ENTRIES = ("forward", "inverse", "log_prob")
+
+    def _eager(self, name: str):
+        return {"forward": self.transform, "inverse": self.transform.inverse, "log_prob": self._log_prob}[name]
+
+    def _entry(self, name: str):
+        compiled = self.__dict__.get("_compiled")
+        if compiled is None or stats_wanted():  # traced calls run eagerly: the records of every layer
+            return self._eager(name)
+        return compiled[name]
+
+    def compile(self, **options) -> "Flow":
+        """Compile ``forward``, ``inverse`` and ``log_prob`` with ``torch.compile(**options)`` in place
+        (e.g. ``fullgraph=True``, ``mode="max-autotune"``); returns ``self``. Initialise data-dependent
+        layers first (one training-mode forward: ActNorm), so that the compiled code has no branch on
+        the device. Deep copies (EMA, the audit's float64 shadow) and pickles are not compiled.
+        Shapes are static unless ``dynamic`` is given: every flow shares the layers' code, and with
+        automatic dynamic shapes a second flow of another image size made Inductor compile symbolic
+        sizes (torch 2.13: "cannot determine truth value of Relational" at 28x28 after 8x8)."""
+        options.setdefault("dynamic", False)
+        self.__dict__["_compiled"] = {name: torch.compile(self._eager(name), **options) for name in self._ENTRIES}
+        return self
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.__dict__.get("_compiled") is not None
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_compiled", None)  # compiled code belongs to this instance
+        return state
+
+    def check_input(self, x: Tensor, what: str = "input", *, finite: bool = True) -> None:
+        """Raise a named error for a non-float tensor or one of another dtype than the model's, an
+        empty batch, a wrong shape, NaN/inf entries (``finite``: the density's entry; ``forward``
+        propagates them), or values outside the first layer's domain."""
+        check_tensor(x, what, _module_dtype(self))
         check_shape(x, self.shape, what)
+        if finite:
+            check_finite(x, what)
+        self.transform._check_domain(x, "forward")
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """``log p(x)`` per example, shape ``(B,)``."""
-        self.check_input(x)
+    def check_latent(self, z: Tensor, what: str = "latent") -> None:
+        """Named errors for latent codes: a floating tensor of the model's dtype, a non-empty batch
+        of shape ``(B, *latent_shape)`` (NaN / inf propagate, unless the last layer refuses them)."""
+        check_tensor(z, what, _module_dtype(self))
+        check_shape(z, self.latent_shape, what)
+        self.transform._check_domain(z, "inverse")
+
+    def _log_prob(self, x: Tensor) -> Tensor:
         z, logdet = self.transform(x)
         return self.base.log_prob(z) + logdet
 
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x)`` per example, shape ``(B,)``."""
+        return run_checked(self.check_input, self._entry("log_prob"), x)
+
     def log_prob_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(log p(z), log|det dz/dx|)`` per example; their sum is ``log_prob(x)``."""
-        self.check_input(x)
-        z, logdet = self.transform(x)
+        z, logdet = run_checked(self.check_input, self.transform, x)
         return self.base.log_prob(z), logdet
 
     def _param(self) -> Tensor:

@@ -313,10 +313,10 @@ def _probes(model, sets, shape, L, cfg, arrays) -> dict:
     b_const = bpd_of(model, v_const, L, batch_size=cfg.batch_size)
     n_rand = sets["test"].v.shape[0] if cfg.n is None else int(cfg.n)
     b_rand = bpd_of(model, random_inputs(shape, n_rand, seed=cfg.seed), L, batch_size=cfg.batch_size)
-    gray_sets = {"test": sets["test"].v}
+    gray_sets = {"test": sets["test"].x}  # integer images: grayed towards the mid level, then dequantised
     for k in ("natural_patches",) + DATASET_FAMILIES:
-        if k in sets:
-            gray_sets[k] = sets[k].v
+        if k in sets and sets[k].x is not None:
+            gray_sets[k] = sets[k].x
     gray = graying_curve(model, gray_sets, L, factors=cfg.gray_factors)
     arrays["constant_bpd"] = (lv, b_const)
     return {"constant": {"levels": lv.tolist(), "bpd": [float(b) if np.isfinite(b) else None for b in b_const],

@@ -44,7 +44,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import resource
 import signal
 import sys
@@ -60,7 +59,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, RunConfig
 from ..metrics import check_levels
-from ..transforms.base import InputOutsideDomain, ShapeError, StableflowsError, check_finite, check_shape
+from ..transforms.base import InputOutsideDomain, ShapeError, StableflowsError, check_finite, check_shape, validation
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, require, save_checkpoint
 from .distributed import DistEnv, evaluate_sharded, rank_seed
 from .distributed import setup as setup_distributed
@@ -72,7 +71,7 @@ from .optim import adamw, load_optimizer_state
 from .plots import write_figures
 from .progress import Progress
 from .rundir import RunDir, RunDirError, RunWriteError, check_reusable, default_out_dir, open_run_dir, recover
-from .validation import OBJECTIVE_CHOICES, SUPERVISED, SUPERVISED_ONLY, validate_config
+from .validation import OBJECTIVE_CHOICES, SUPERVISED, SUPERVISED_ONLY, validate_config  # noqa: F401 (re-exported)
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "RunNote", "validate_config", "resolve_device", "build_objective",
            "build_guard", "OBJECTIVE_CHOICES", "MAX_CONSECUTIVE_NONFINITE", "INIT_BATCH"]
@@ -82,7 +81,7 @@ INIT_BATCH = 512  # examples of the data-dependent (ActNorm) initialisation forw
 SEED_OFFSETS = {"sample": 1, "noise": 2, "init": 3}  # dedicated generators: seed + offset
 # train fields that change the trajectory: a resumed run must keep them
 TRAJECTORY_FIELDS = ("batch_size", "lr", "weight_decay", "warmup", "grad_clip", "ema_decay", "seed", "objective",
-                     "label_smoothing", "fd_forward", "fd_inverse", "fd_eps", "fd_every", "nf_weight",
+                     "label_smoothing", "fd_forward", "fd_inverse", "fd_eps", "fd_every", "fd_mode", "nf_weight",
                      "fallback", "max_angle", "max_rel_error")
 INTERMITTENT = ("fd_", "nf_")  # logs of regularizers applied every k steps (averaged over the steps they ran)
 Callback = Callable[[str, dict], None]
@@ -154,7 +153,7 @@ def build_objective(cfg: RunConfig) -> Objective:
 
     try:
         return make_objective(t.objective, fd_forward=t.fd_forward, fd_inverse=t.fd_inverse, fd_eps=t.fd_eps,
-                              fd_every=t.fd_every, nf_weight=t.nf_weight, lam=None,
+                              fd_every=t.fd_every, fd_mode=t.fd_mode, nf_weight=t.nf_weight, lam=None,
                               label_smoothing=t.label_smoothing)
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -250,6 +249,36 @@ def _nonfinite_entries(state: dict[str, Tensor]) -> list[str]:
     if bool(ok.all()):
         return []
     return [k for (k, _), good in zip(floats, ok.tolist()) if not good]
+
+
+def state_dict_error(e: BaseException) -> str:
+    """The informative line of a ``load_state_dict`` error (missing / unexpected keys, size mismatch)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    detail = [ln for ln in lines if not ln.startswith("Error(s) in loading state_dict")]
+    text = (detail or lines or [type(e).__name__])[0]
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _count(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"entry {name} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Adam moments that exist have the shape of their parameter (torch only checks the groups)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = st.get(key)
+                if not torch.is_tensor(t) or t.shape != p.shape:
+                    raise ValueError(f"optimizer state {key} of a parameter of shape {tuple(p.shape)} is "
+                                     f"{'missing' if t is None else tuple(getattr(t, 'shape', ()))}")
+            if "step" not in st:
+                raise ValueError("optimizer state without its step count")
 
 
 def _note(message: str) -> None:
@@ -365,19 +394,19 @@ class _Trainer:
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"weights do not fit the model built from the config (another model type or "
-                                  f"other options): {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-                                  path) from e
+                                  f"other options): {state_dict_error(e)}", path) from e
         try:
             self._load_rest(s)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-            raise CheckpointError(f"the training state does not fit this run ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else 'malformed entry'})",
+            what = f"no entry {e}" if isinstance(e, KeyError) else state_dict_error(e)
+            raise CheckpointError(f"the training state does not fit this run ({type(e).__name__}: {what})",
                                   path) from e
         self.saved_step = self.step
 
     def _load_rest(self, s: dict[str, Any]) -> None:
         load_optimizer_state(self.optimizer, s["optimizer"])
-        self.step = int(s["step"])
+        _check_optimizer_state(self.optimizer)
+        self.step = _count(s["step"], "step")
         self.best_val, self.best_step = float(s["best_val"]), s["best_step"]
         if self.best_step is not None:
             self.best_step = int(self.best_step)
@@ -392,13 +421,16 @@ class _Trainer:
             torch.cuda.set_rng_state(s["rng"]["cuda"], self.device)
         for k, g in self.gens.items():
             g.set_state(s["rng"][k])
-        perm, pos = s["sampler"]["perm"], int(s["sampler"]["pos"])
-        if perm is not None and (not torch.is_tensor(perm) or perm.shape != (self.train_x.shape[0],)):
-            raise ValueError(f"the stored batch order does not fit the {self.train_x.shape[0]} training examples")
+        n = self.train_x.shape[0]
+        perm, pos = s["sampler"]["perm"], _count(s["sampler"]["pos"], "sampler.pos")
+        if perm is not None and (not torch.is_tensor(perm) or perm.shape != (n,) or pos > n):
+            raise ValueError(f"the stored batch order does not fit the {n} training examples")
         self.perm, self.pos = perm, pos
         self.history = list(s["history"])
+        if not all(isinstance(r, dict) and isinstance(r.get("kind"), str) for r in self.history):
+            raise ValueError("the stored history holds entries that are not records")
         self.accum = {str(k): float(v) for k, v in dict(s["accum"]).items()}
-        self.nonfinite_total, self.nonfinite_run = (int(v) for v in s["nonfinite"])
+        self.nonfinite_total, self.nonfinite_run = (_count(v, "nonfinite") for v in s["nonfinite"])
         self.last_eval_step = int(s["last_eval_step"])
         self.last_lr = float(s["last_lr"])
         self.grad_checks, self.grad_fallbacks = (int(v) for v in s.get("grad_checks", (0, 0)))
@@ -735,11 +767,13 @@ def _train(cfg: RunConfig, env: DistEnv, resume: bool, overwrite: bool, model: n
     tr.rundir = _open_collective(env, out, resume, overwrite)
     try:
         if saved is not None:
+            changed = False
             if env.is_main:
                 st = (out / "last.pt").stat()
-                if (st.st_ino, st.st_size, st.st_mtime_ns) != stamp:
-                    raise RunDirError(f"{out / 'last.pt'} changed while this run was starting (another training "
-                                      "wrote it); start the resume again")
+                changed = (st.st_ino, st.st_size, st.st_mtime_ns) != stamp
+            if env.broadcast_object(changed):
+                raise RunDirError(f"{out / 'last.pt'} changed while this run was starting (another training "
+                                  "wrote it); start the resume again")
             tr.load_state(saved, out / "last.pt")
             _check_best_on_resume(tr)
             if env.is_main:
@@ -749,6 +783,8 @@ def _train(cfg: RunConfig, env: DistEnv, resume: bool, overwrite: bool, model: n
 
             text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
             tr._write("config.yaml", lambda p: atomic_write_text(p, text))
+        if cfg.train.compile:  # after the data-dependent initialisation and the EMA copy (not compiled)
+            model.compile()
         tr.start_distributed()
         return _run(tr, resumed=saved is not None)
     finally:
@@ -824,11 +860,16 @@ def _run(tr: _Trainer, resumed: bool = False) -> TrainResult:
         cb("start", {"step": tr.step, "out_dir": str(tr.out), "resumed": resumed})
     progress = Progress(steps=t.steps, time_budget=t.time_budget, start_step=tr.step,
                         enabled=t.progress and tr.env.is_main, log_every=t.log_every, metric=tr.metric)
+    last_eval = next((r for r in reversed(tr.history) if r.get("kind") == "eval"), None)
+    if last_eval is not None and last_eval.get(f"val_{tr.metric}") is not None:  # a resumed run
+        progress.val = (int(last_eval["step"]), float(last_eval[f"val_{tr.metric}"]))
+    finished = False
     with _StopOnSignal() as stop:
         try:
             while not done():
                 t0 = time.perf_counter()
-                tr.train_step()
+                with validation(False):  # every split was validated before the first step: no device reads
+                    tr.train_step()
                 if tr.device.type == "cuda":
                     torch.cuda.synchronize(tr.device)
                 dt = time.perf_counter() - t0
@@ -842,10 +883,11 @@ def _run(tr: _Trainer, resumed: bool = False) -> TrainResult:
                     progress.evaluated(tr.step, rec[f"val_{tr.metric}"])
                 if tr.env.any(stop.name is not None):
                     raise _interrupted(tr, stop.name or "SIGTERM")
+            finished = True
             if tr.last_eval_step != tr.step:
                 tr.evaluate_and_checkpoint(rate())
         finally:
-            progress.close()
+            progress.close(finished)
     if session_steps == 0:  # nothing trained (a finished run resumed): keep the rate of the last session
         last = next((r for r in reversed(tr.history) if r.get("kind") == "eval"), {})
         return _finish(tr, float(last.get("steps_per_s") or 0.0), 0)
@@ -887,9 +929,10 @@ def _finish(tr: _Trainer, rate: float, session_steps: int) -> TrainResult:
         files = ["metrics.jsonl", "config.yaml", "last.pt"] + (["best.pt"] if tr.best_step is not None else [])
         files += [figures[k] for k in ("curve", "samples") if k in figures]
         summary["outputs"] = files = sorted(files + ["metrics.json"])
-        tr._write("metrics.json", lambda p: atomic_write_text(p, json.dumps(summary, indent=2, sort_keys=True) + "\n"))
         notes = {k[:-len("_error")]: v for k, v in figures.items() if k.endswith("_error")}
         notes.update({k[:-len("_skipped")]: v for k, v in figures.items() if k.endswith("_skipped")})
+        summary["notes"] = notes
+        tr._write("metrics.json", lambda p: atomic_write_text(p, json.dumps(summary, indent=2, sort_keys=True) + "\n"))
         written = (files, notes)
     result.outputs, result.notes = tr.env.broadcast_object(written)
     tr.env.barrier()

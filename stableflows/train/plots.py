@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["image_shape", "to_unit_images", "save_curve", "save_sample_grid", "save_scatter"]
+__all__ = ["image_shape", "to_unit_images", "save_curve", "curve_figure", "save_sample_grid", "save_scatter",
+           "write_figures"]
 
 GRID_PAD = 1  # pixels of padding between images of a grid
 SCATTER_QUANTILE = 0.005  # the scatter's view spans the 0.5 %..99.5 % quantiles of all points (+ margin)
@@ -133,6 +134,12 @@ def save_curve(path: str | Path, history: Sequence[Mapping], metric: str, *, tes
                best_step: int | None = None, ema: bool = True) -> None:
     """Train and validation ``metric`` against step, the selected step and the test value
     (validation of the EMA weights when ``ema``, else of the live weights)."""
+    _save(curve_figure(history, metric, test=test, best_step=best_step, ema=ema), path)
+
+
+def curve_figure(history: Sequence[Mapping], metric: str, *, test: float | None = None,
+                 best_step: int | None = None, ema: bool = True):
+    """The figure of :func:`save_curve`."""
     evals = [r for r in history if r.get("kind") == "eval"]
     fig = _figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
@@ -151,7 +158,7 @@ def save_curve(path: str | Path, history: Sequence[Mapping], metric: str, *, tes
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    return fig
 
 
 SAMPLE_TEMPERATURES = (1.0, 0.7)  # samples.png panels (Glow, Kingma & Dhariwal 2018, sec. 5)

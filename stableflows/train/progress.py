@@ -123,10 +123,16 @@ class Progress:
             parts.append(f"val {self.metric} {self.val[1]:.3f} @{self.val[0]}")
         parts.append(f"{rate:.1f} steps/s")
         parts.append(f"ETA {format_seconds(self.eta(step, train_time, rate))}")
-        print(" | ".join(parts), file=self.out, flush=True)
+        try:
+            print(" | ".join(parts), file=self.out, flush=True)
+        except (OSError, ValueError):  # the reader went away (a closed pipe): training goes on, silently
+            self.log_on = False
         self.last_line = self.clock()
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
         if self.bar is not None:
+            if finished and self.budget is not None and self.bar.n != self.bar.total:  # the budget stopped it
+                self.bar.total = self.bar.n
+                self.bar.refresh()
             self.bar.close()
             self.bar = None

@@ -8,7 +8,7 @@
    is never stale); a second training of the same directory is refused while the first runs;
 2. remove the temporary files (``.NAME.*.tmp``) that a kill during an atomic write left behind,
    and finish an interrupted ``--overwrite`` (below);
-3. refuse a directory that holds anything (``.lock`` aside) unless the run resumes it, or
+3. refuse a directory that holds anything (hidden files aside) unless the run resumes it, or
    ``overwrite`` is given *and* it holds a stableflows run (a folder of other files is never
    overwritten);
 4. write and remove a probe file (the file system takes writes).
@@ -73,9 +73,8 @@ def stale_temporaries(out: Path) -> list[Path]:
 
 
 def _entries(out: Path) -> list[str]:
-    """What ``out`` holds besides the lock, the probe and stale temporaries."""
-    skip = {LOCK_NAME, PROBE_NAME}
-    return sorted(p.name for p in out.iterdir() if p.name not in skip and not _TMP.match(p.name))
+    """What ``out`` holds besides hidden files (the lock, stale temporaries, ``.DS_Store`` ...)."""
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
 
 
 def _holds_run(out: Path) -> bool:
@@ -94,7 +93,7 @@ def check_reusable(out: str | os.PathLike, *, overwrite: bool) -> None:
         names = _entries(out)
     except OSError as e:
         raise RunDirError(f"cannot read run directory {out}: {e.strerror or e}") from e
-    if not names or names == [REPLACED_NAME]:
+    if not names:
         return
     shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
     if not _holds_run(out):
@@ -151,7 +150,8 @@ class _Lock:
         self.fd = fd
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         except OSError:  # the owner line is only for messages
             pass
 
@@ -167,7 +167,8 @@ class _Lock:
 
 def _read_owner(fd: int) -> str:
     try:
-        pid, _, host = os.pread(fd, 200, 0).decode("utf-8", "replace").strip().partition(" ")
+        os.lseek(fd, 0, os.SEEK_SET)
+        pid, _, host = os.read(fd, 200).decode("utf-8", "replace").strip().partition(" ")
     except OSError:
         return ""
     return f" (pid {pid}{' on ' + host if host else ''})" if pid.isdigit() else ""

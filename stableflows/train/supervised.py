@@ -148,16 +148,17 @@ OBJECTIVES = ("classification", "hybrid")
 
 
 def make_objective(kind: str, *, fd_forward: float = 0.0, fd_inverse: float = 0.0, fd_eps: float = FD_EPS,
-                   fd_every: int = FD_EVERY, nf_weight: float = 0.0, lam: float | None = None,
+                   fd_every: int = FD_EVERY, fd_mode: str = "fd", nf_weight: float = 0.0, lam: float | None = None,
                    label_smoothing: float = 0.0) -> _Supervised:
     """The supervised objective ``kind`` from flat options (what config fields / CLI flags map onto):
     FD weights of the forward and inverse terms (0 disables a term), step ``fd_eps``, every
-    ``fd_every`` steps; ``nf_weight`` of the NF regularizer (classification only; 0 disables);
-    ``lam`` of the hybrid objective (None: the model's)."""
+    ``fd_every`` steps, ``fd_mode`` (``"fd"`` finite differences | ``"jvp"`` exact ``||J d||^2``);
+    ``nf_weight`` of the NF regularizer (classification only; 0 disables); ``lam`` of the hybrid
+    objective (None: the model's)."""
     fd = None
     if fd_forward > 0 or fd_inverse > 0:
         fd = FiniteDifferenceRegularizer(weight_forward=fd_forward, weight_inverse=fd_inverse, eps=fd_eps,
-                                         every=fd_every)
+                                         every=fd_every, mode=fd_mode)
     if kind == "classification":
         nf = FlowObjectiveRegularizer(weight=nf_weight) if nf_weight > 0 else None
         return ClassificationObjective(fd=fd, nf=nf, label_smoothing=label_smoothing)

@@ -46,51 +46,57 @@ def _generic(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _given(value, check) -> bool:
+    """``check(value)``, or True for an option left unset (None: the model's own default)."""
+    return value is None or bool(check(value))
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Raise :class:`ConfigError` listing every out-of-range model / data / training option."""
     t, d, m = cfg.train, cfg.data, cfg.model
     rules = [
         (t.time_budget is None or t.time_budget > 0, f"train.time_budget must be > 0 seconds, got {t.time_budget}"),
-        (t.lr > 0, f"train.lr must be a positive number, got {t.lr}"),
-        (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
-        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}"),
-        (0 <= t.ema_decay < 1, f"train.ema_decay must lie in [0, 1), got {t.ema_decay}"),
-        (t.seed <= MAX_SEED, f"train.seed must lie in [0, 2**32), got {t.seed}"),
+        (_given(t.lr, lambda v: v > 0), f"train.lr must be a positive number, got {t.lr}"),
+        (_given(t.weight_decay, lambda v: v >= 0), f"train.weight_decay must be >= 0, got {t.weight_decay}"),
+        (_given(t.grad_clip, lambda v: v >= 0), f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}"),
+        (_given(t.ema_decay, lambda v: 0 <= v < 1), f"train.ema_decay must lie in [0, 1), got {t.ema_decay}"),
+        (_given(t.seed, lambda v: v <= MAX_SEED), f"train.seed must lie in [0, 2**32), got {t.seed}"),
         (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
          f"train.device must be auto, cpu or cuda[:i], got {t.device!r}"),
         (t.out_dir is None or (isinstance(t.out_dir, str) and t.out_dir.strip() != ""),
          "train.out_dir must be a non-empty path (or none for runs/<model>-<data>-<time>)"),
-        (0 < d.val_size < 1, f"data.val_size must lie in (0, 1), got {d.val_size}"),
+        (_given(d.val_size, lambda v: 0 < v < 1), f"data.val_size must lie in (0, 1), got {d.val_size}"),
         (t.objective in OBJECTIVE_CHOICES,
          f"train.objective must be one of {', '.join(OBJECTIVE_CHOICES)}, got {t.objective!r}"),
-        (t.fd_forward >= 0, f"train.fd_forward must be >= 0 (0 disables), got {t.fd_forward}"),
-        (t.fd_inverse >= 0, f"train.fd_inverse must be >= 0 (0 disables), got {t.fd_inverse}"),
-        (t.fd_eps > 0, f"train.fd_eps must be > 0, got {t.fd_eps}"),
-        (t.nf_weight >= 0, f"train.nf_weight must be >= 0 (0 disables), got {t.nf_weight}"),
-        (0 <= t.label_smoothing < 1, f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}"),
-        (0 < t.max_angle <= 180, f"train.max_angle must lie in (0, 180] degrees, got {t.max_angle}"),
-        (t.max_rel_error > 0, f"train.max_rel_error must be > 0, got {t.max_rel_error}"),
-        (getattr(t, "log_every", 1.0) > 0, f"train.log_every must be > 0 seconds, got {getattr(t, 'log_every', None)}"),
-        (0 <= m.logit_alpha < 0.5, f"model.logit_alpha must lie in [0, 0.5) (0 disables), got {m.logit_alpha}"),
-        (m.coeff > 0, f"model.coeff must be > 0, got {m.coeff}"),
-        (m.lam >= 0, f"model.lam must be >= 0, got {m.lam}"),
-        (m.p >= 0, f"model.p must be >= 0 (0: the estimator's default), got {m.p}"),
-        (m.n_classes >= 2, f"model.n_classes must be >= 2, got {m.n_classes}"),
-        *[(getattr(m, k) >= 0, f"model.{k} must be >= 0, got {getattr(m, k)}")
+        (_given(t.fd_forward, lambda v: v >= 0), f"train.fd_forward must be >= 0 (0 disables), got {t.fd_forward}"),
+        (_given(t.fd_inverse, lambda v: v >= 0), f"train.fd_inverse must be >= 0 (0 disables), got {t.fd_inverse}"),
+        (_given(t.fd_eps, lambda v: v > 0), f"train.fd_eps must be > 0, got {t.fd_eps}"),
+        (_given(t.nf_weight, lambda v: v >= 0), f"train.nf_weight must be >= 0 (0 disables), got {t.nf_weight}"),
+        (_given(t.label_smoothing, lambda v: 0 <= v < 1), f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}"),
+        (_given(t.max_angle, lambda v: 0 < v <= 180), f"train.max_angle must lie in (0, 180] degrees, got {t.max_angle}"),
+        (_given(t.max_rel_error, lambda v: v > 0), f"train.max_rel_error must be > 0, got {t.max_rel_error}"),
+        (_given(getattr(t, "log_every", None), lambda v: v > 0), f"train.log_every must be > 0 seconds, got {getattr(t, 'log_every', None)}"),
+        (_given(m.logit_alpha, lambda v: 0 <= v < 0.5),
+         f"model.logit_alpha must lie in [0, 0.5) (0 disables), got {m.logit_alpha}"),
+        (_given(m.coeff, lambda v: v > 0), f"model.coeff must be > 0, got {m.coeff}"),
+        (_given(m.lam, lambda v: v >= 0), f"model.lam must be >= 0, got {m.lam}"),
+        (_given(m.p, lambda v: v >= 0), f"model.p must be >= 0 (0: the estimator's default), got {m.p}"),
+        (_given(m.n_classes, lambda v: v >= 2), f"model.n_classes must be >= 2, got {m.n_classes}"),
+        *[(_given(getattr(m, k, None), lambda v: v >= 0), f"model.{k} must be >= 0, got {getattr(m, k, None)}")
           for k in ("power_atol", "power_rtol", "inverse_atol", "inverse_rtol")],
-        (not (t.objective == "hybrid" and t.nf_weight > 0),
+        (not (t.objective == "hybrid" and (t.nf_weight or 0) > 0),
          "train.nf_weight applies to the classification objective; the hybrid objective already contains "
          "log p(x): weigh it with model.lam"),
     ]
     if t.objective == "likelihood":
         rules += [(getattr(t, k) == off, f"train.{k} applies to the classification and hybrid objectives only "
                                          f"(train.objective is likelihood)") for k, off in SUPERVISED_ONLY.items()]
-    if t.objective in SUPERVISED and t.fd_forward > 0 and m.logit_alpha > 0:
+    if t.objective in SUPERVISED and (t.fd_forward or 0) > 0 and (m.logit_alpha or 0) > 0:
         rules.append((False, f"train.fd_forward perturbs the input by eps = {t.fd_eps} in a random direction, "
                              f"which can leave the domain of the logit pre-transform (model.logit_alpha = "
                              f"{m.logit_alpha}, inputs near [0, 1]): set model.logit_alpha = 0 "
                              "(--logit-alpha 0)"))
-    if (t.angle_every > 0 or t.fallback) and not m.memory_saving:
+    if ((t.angle_every or 0) > 0 or t.fallback) and not m.memory_saving:
         rules.append((False, "train.angle_every / train.fallback check memory-saving gradients: set "
                              "model.memory_saving = true"))
     problems = _generic(cfg)

@@ -11,12 +11,27 @@ shape ``(B,)``, summed over every non-batch dimension. Composition adds log-dets
 
 Subclasses implement ``_forward`` and ``_inverse``; the public ``forward``/``inverse`` wrap them so
 that a :class:`Tracer` can record every layer call (the audit localises failures with it and the
-memory-saving backward pass walks it). A layer may put diagnostics of its last call in
-``self.stats`` (a flat ``dict[str, float]``: smallest affine scale, fixed-point iterations, ...); the
-tracer copies them.
+memory-saving backward pass walks it).
 
-Iterative inverses never fail silently: they record iterations and final residual in ``stats`` and
-raise :class:`InverseNotConverged` when ``strict`` is set.
+The hot path reads no device value (no ``float(t)``, ``bool(t)``, ``.item()`` of a tensor: each one
+stops the host until a GPU drains its queue, and ``torch.compile`` cannot trace through it):
+
+* **Validation at the entry.** Only the outermost public call (the model's ``log_prob`` /
+  ``forward`` / ``inverse``, or a layer called on its own) checks its input: a tensor of floating
+  dtype (the model's, a float64 input to a float32 model is refused), a non-empty batch, the event
+  shape, and the domain of the first layer on the path (``Logit``: data in [0, 1]); a density
+  (``Flow.log_prob``) also refuses NaN / inf inputs, while ``forward`` / ``inverse`` propagate them
+  (what the audit measures). Nested layers trust their input. :func:`validation` switches the checks off (the training loop
+  validates its data once before the first step; compiled code skips them, ``torch.compile`` cannot
+  raise on data).
+* **Diagnostics only when asked.** A layer puts diagnostics of its last call in ``self.stats`` (a
+  flat dict: smallest affine scale, fixed-point iterations, ...) only while a :class:`Tracer` or
+  :func:`collect_stats` asks for them (:func:`stats_wanted`), as 0-d tensors that nobody reads on the
+  hot path; a tracer copies them and reads all of them at once when its records' ``stats`` are
+  first looked at (one transfer for the whole trace). :func:`read_stats` gives a layer's as floats.
+
+Iterative inverses never fail silently: they raise :class:`InverseNotConverged` when ``strict`` is
+set, warn otherwise, and record iterations and final residual in ``stats`` when asked.
 """
 from __future__ import annotations
 
@@ -44,6 +59,13 @@ __all__ = [
     "sum_except_batch",
     "check_finite",
     "check_shape",
+    "check_tensor",
+    "validation",
+    "validation_enabled",
+    "run_checked",
+    "collect_stats",
+    "stats_wanted",
+    "read_stats",
 ]
 
 
@@ -79,8 +101,25 @@ def sum_except_batch(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(dim=1)
 
 
+def check_tensor(x, what: str = "input", dtype: torch.dtype | None = None) -> None:
+    """Raise :class:`ShapeError` unless ``x`` is a floating-point tensor with a batch dimension of
+    at least one example, of ``dtype`` when given (autocast regions may mix dtypes and are not checked)."""
+    if not torch.is_tensor(x):
+        raise ShapeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise ShapeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ShapeError(f"{what} has dtype {x.dtype} but the model computes in {dtype}: convert one of them "
+                         f"(x.to({dtype}) or model.to({x.dtype}))")
+    if x.dim() == 0:
+        raise ShapeError(f"{what} must have a batch dimension, got a 0-d tensor")
+    if x.shape[0] == 0:
+        raise ShapeError(f"{what} has an empty batch (shape {tuple(x.shape)})")
+
+
 def check_finite(x: Tensor, what: str = "input") -> None:
-    """Raise :class:`NonFiniteInputError` naming how many entries of ``x`` are NaN or inf."""
+    """Raise :class:`NonFiniteInputError` naming how many entries of ``x`` are NaN or inf (one device
+    read when ``x`` is finite)."""
     if not torch.is_tensor(x):
         raise ShapeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if not torch.is_floating_point(x):
@@ -103,10 +142,117 @@ def check_shape(x: Tensor, event_shape: Sequence[int], what: str = "input") -> N
         raise ShapeError(f"{what} has an empty batch")
 
 
+def _module_dtype(module: nn.Module) -> torch.dtype | None:
+    """dtype of the first floating-point parameter of ``module`` (None without one)."""
+    for p in module.parameters():
+        if torch.is_floating_point(p):
+            return p.dtype
+    return None
+
+
+# ----------------------------------------------------------------------------- validation and stats switches
+class _Switches:
+    """Process-wide state of the two switches (plain attributes: ``torch.compile`` guards on them)."""
+
+    validate = True  # input checks at the outermost public call
+    inside = False  # within a call whose input was checked: nested layers trust their input
+    stats = 0  # open collect_stats() blocks
+
+
+_SWITCHES = _Switches()
+
+
+@contextlib.contextmanager
+def validation(enabled: bool = True) -> Iterator[None]:
+    """Switch the input checks of every public entry on or off inside the block::
+
+        with validation(False):    # data validated once beforehand, or compiled training
+            loss = -flow.log_prob(x).mean()
+
+    Off, a bad input is not named: NaN propagates to the loss (the training loop's finiteness
+    check catches it), an input outside a layer's domain gives NaN (e.g. the logit of a negative
+    number). Backward-in-forward residual blocks then also skip the device read that checks the
+    batch weights of their stored gradient (:mod:`stableflows.estimators.neumann`)."""
+    before = _SWITCHES.validate
+    _SWITCHES.validate = bool(enabled)
+    try:
+        yield
+    finally:
+        _SWITCHES.validate = before
+
+
+def validation_enabled() -> bool:
+    """True when input checks run (switched on, and not inside ``torch.compile``d code)."""
+    return _SWITCHES.validate and not torch.compiler.is_compiling()
+
+
+def _checking() -> bool:
+    return _SWITCHES.validate and not _SWITCHES.inside and not torch.compiler.is_compiling()
+
+
+def run_checked(check, fn, x: Tensor):
+    """``fn(x)`` after ``check(x)`` when this is the outermost checked call (see :func:`validation`);
+    calls made by ``fn`` skip their own checks."""
+    if not _checking():
+        return fn(x)
+    check(x)
+    _SWITCHES.inside = True
+    try:
+        return fn(x)
+    finally:
+        _SWITCHES.inside = False
+
+
+@contextlib.contextmanager
+def collect_stats() -> Iterator[None]:
+    """Layers record their diagnostics (``module.stats``) inside the block, as tracing does::
+
+        with collect_stats():
+            flow.inverse(z)
+        read_stats(block)    # {"inverse_iterations": 12.0, "inverse_residual": 3e-9, ...}
+    """
+    _SWITCHES.stats += 1
+    try:
+        yield
+    finally:
+        _SWITCHES.stats -= 1
+
+
+def stats_wanted() -> bool:
+    """True while a :class:`Tracer` or :func:`collect_stats` asks layers for their diagnostics."""
+    return bool(_ACTIVE_TRACERS) or _SWITCHES.stats > 0
+
+
+def _as_floats(stats: dict) -> dict:
+    """``stats`` with every tensor value read (one transfer per device and dtype) as a float."""
+    return _materialize([stats])[0]
+
+
+def _materialize(dicts: list[dict]) -> list[dict]:
+    groups: dict = {}
+    for i, d in enumerate(dicts):
+        for k, v in d.items():
+            if torch.is_tensor(v):
+                groups.setdefault((v.device, v.dtype), []).append((i, k, v))
+    out = [dict(d) for d in dicts]
+    for items in groups.values():
+        values = torch.stack([v.detach().reshape(()) for _, _, v in items]).tolist()  # 0-d stats
+        for (i, k, _), val in zip(items, values):
+            out[i][k] = float(val)
+    return out
+
+
+def read_stats(module) -> dict:
+    """``module.stats`` with tensor values read as floats (empty unless recorded while asked)."""
+    return _as_floats(dict(getattr(module, "stats", {}) or {}))
+
+
 # ----------------------------------------------------------------------------- tracing
 @dataclass
 class TraceRecord:
-    """One layer call seen by a :class:`Tracer` (in call order)."""
+    """One layer call seen by a :class:`Tracer` (in call order). ``stats`` is the layer's
+    diagnostics of that call as floats (read from the device, for all records of the tracer at
+    once, when first looked at)."""
 
     name: str  # dotted module path inside the traced root ("" for the root)
     direction: str  # "forward" or "inverse"
@@ -116,9 +262,19 @@ class TraceRecord:
     out_absmax: Tensor  # (B,) largest |output| per example
     out_finite: Tensor  # (B,) bool, every output entry finite
     logdet: Tensor  # (B,)
-    stats: dict = field(default_factory=dict)
+    raw_stats: dict = field(default_factory=dict)  # as recorded: floats and 0-d tensors
     input: Tensor | None = None  # kept only when the tracer keeps tensors
     output: Tensor | None = None
+    tracer: "Tracer | None" = field(default=None, repr=False, compare=False)
+
+    @property
+    def stats(self) -> dict:
+        if any(torch.is_tensor(v) for v in self.raw_stats.values()):
+            if self.tracer is not None:
+                self.tracer.read_stats()
+            else:
+                self.raw_stats = _as_floats(self.raw_stats)
+        return self.raw_stats
 
 
 class Tracer:
@@ -145,11 +301,18 @@ class Tracer:
                 out_absmax=o2.abs().amax(dim=1),
                 out_finite=torch.isfinite(o2).all(dim=1),
                 logdet=logdet.detach().clone(),
-                stats=dict(getattr(module, "stats", {}) or {}),
+                raw_stats=dict(getattr(module, "stats", {}) or {}),
                 input=inp.detach().clone() if self.keep_tensors else None,
                 output=out.detach().clone() if self.keep_tensors else None,
+                tracer=self,
             )
         self.records.append(rec)
+
+    def read_stats(self) -> None:
+        """Read the tensor stats of every record at once (one device transfer)."""
+        pending = [r for r in self.records if any(torch.is_tensor(v) for v in r.raw_stats.values())]
+        for r, d in zip(pending, _materialize([r.raw_stats for r in pending])):
+            r.raw_stats = d
 
     def leaves(self) -> list[TraceRecord]:
         """Records of layers that have no traced children (the elementary layers), in call order."""
@@ -190,7 +353,8 @@ class Transform(nn.Module):
     Contract (see module docstring): ``forward(x) -> (z, log|det dz/dx|)`` and
     ``inverse(z) -> (x, log|det dx/dz|)``, log-dets of shape ``(B,)``, and
     ``inverse(forward(x)[0])[1] == -forward(x)[1]``. Subclasses implement ``_forward`` and
-    ``_inverse``. ``stats`` holds diagnostics of the last call.
+    ``_inverse``, and may refine the entry checks with ``_check_event`` (event shape) and
+    ``_check_domain`` (values). ``stats`` holds diagnostics of the last call when asked for.
     """
 
     stats: dict
@@ -205,7 +369,25 @@ class Transform(nn.Module):
     def _inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _call(self, fn, x: Tensor, direction: str) -> tuple[Tensor, Tensor]:
+    # -------------------------------------------------------------- entry checks
+    def check_input(self, x: Tensor, direction: str = "forward", what: str | None = None) -> None:
+        """Named errors for an input of a public call in ``direction``: not a floating tensor of
+        the layer's dtype, an empty batch, a wrong event shape, or values outside the domain of the
+        first layer on the path. NaN / inf entries pass (the map propagates them: the audit counts
+        non-finite outputs) unless that layer's domain excludes them (Logit, a residual inverse)."""
+        what = what or f"{type(self).__name__} {'input' if direction == 'forward' else 'inverse input'}"
+        check_tensor(x, what, _module_dtype(self))
+        self._check_event(x, direction, what)
+        self._check_domain(x, direction)
+
+    def _check_event(self, x: Tensor, direction: str, what: str) -> None:
+        """Raise :class:`ShapeError` for a wrong event shape (layers that know theirs)."""
+
+    def _check_domain(self, x: Tensor, direction: str) -> None:
+        """Raise :class:`InputOutsideDomain` for finite values the map is not defined on."""
+
+    # -------------------------------------------------------------- calls
+    def _traced(self, fn, x: Tensor, direction: str) -> tuple[Tensor, Tensor]:
         if not _ACTIVE_TRACERS:
             return fn(x)
         depths = [t._depth for t in _ACTIVE_TRACERS]
@@ -219,6 +401,11 @@ class Transform(nn.Module):
         for t, d in zip(_ACTIVE_TRACERS, depths):
             t._record(self, direction, x, y, ld, d)
         return y, ld
+
+    def _call(self, fn, x: Tensor, direction: str) -> tuple[Tensor, Tensor]:
+        if not _checking():
+            return self._traced(fn, x, direction)
+        return run_checked(lambda v: self.check_input(v, direction), lambda v: self._traced(fn, v, direction), x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._call(self._forward, x, "forward")
@@ -255,6 +442,14 @@ class Compose(Transform):
     def __getitem__(self, i):
         return self.layers[i]
 
+    def _check_event(self, x, direction, what):
+        if len(self.layers):
+            self.layers[0 if direction == "forward" else -1]._check_event(x, direction, what)
+
+    def _check_domain(self, x, direction):
+        if len(self.layers):
+            self.layers[0 if direction == "forward" else -1]._check_domain(x, direction)
+
     def _forward(self, x):
         total = x.new_zeros(x.shape[0])
         for layer in self.layers:
@@ -276,6 +471,12 @@ class Inverse(Transform):
     def __init__(self, transform: Transform):
         super().__init__()
         self.transform = transform
+
+    def _check_event(self, x, direction, what):
+        self.transform._check_event(x, "inverse" if direction == "forward" else "forward", what)
+
+    def _check_domain(self, x, direction):
+        self.transform._check_domain(x, "inverse" if direction == "forward" else "forward")
 
     def _forward(self, x):
         return self.transform.inverse(x)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import ShapeError, Transform, check_shape
+from .base import ShapeError, Transform, check_shape, stats_wanted
 from .nets import MLP, GlowCNN
 from .reshape import as_event_shape
 from .scales import Scale, make_scale
@@ -106,13 +106,14 @@ class Coupling(Transform):
         flat = x.reshape(b, self.shape[0], -1)  # (B, C, H*W)
         return flat.index_copy(2, self.trans_idx, yb.reshape(b, self.shape[0], -1)).reshape(x.shape)
 
+    def _check_event(self, x, direction, what):
+        check_shape(x, self.shape, what)
+
     def _forward(self, x):
-        check_shape(x, self.shape)
         yb, logdet = self._couple(self._take(x), self._params(x))
         return self._put(x, yb), logdet
 
     def _inverse(self, z):
-        check_shape(z, self.shape)
         xb, logdet = self._uncouple(self._take(z), self._params(z))
         return self._put(z, xb), logdet
 
@@ -128,24 +129,26 @@ class Coupling(Transform):
         return f"shape={self.shape}, mask={self.mask!r}, parity={self.parity}"
 
 
-def _absmax(t: Tensor) -> float:
-    return float(t.detach().abs().max())
+def _absmax(t: Tensor) -> Tensor:
+    return t.detach().abs().max()
 
 
 class AdditiveCoupling(Coupling):
     """``y_b = x_b + t(x_a)`` (NICE), volume preserving: log-det 0. Globally bi-Lipschitz whenever
-    ``t`` is Lipschitz. ``stats``: ``max_abs_shift``."""
+    ``t`` is Lipschitz. ``stats`` (when asked): ``max_abs_shift``."""
 
     n_params = 1
 
     def _couple(self, xb, params):
         t = params[:, 0]
-        self.stats = {"max_abs_shift": _absmax(t)}
+        if stats_wanted():
+            self.stats = {"max_abs_shift": _absmax(t)}
         return xb + t, xb.new_zeros(xb.shape[0])
 
     def _uncouple(self, yb, params):
         t = params[:, 0]
-        self.stats = {"max_abs_shift": _absmax(t)}
+        if stats_wanted():
+            self.stats = {"max_abs_shift": _absmax(t)}
         return yb - t, yb.new_zeros(yb.shape[0])
 
 
@@ -153,7 +156,7 @@ class AffineCoupling(Coupling):
     """``y_b = x_b * scale(s) + t``, ``(t, s) = net(x_a)``; log-det ``sum log scale(s)``.
 
     ``scale`` is a name of :data:`~stableflows.transforms.scales.SCALES` (built with
-    ``scale_kwargs``) or a :class:`~stableflows.transforms.scales.Scale` instance. ``stats``:
+    ``scale_kwargs``) or a :class:`~stableflows.transforms.scales.Scale` instance. ``stats`` (when asked):
     ``min_scale``, ``max_scale``, ``max_abs_shift`` of the last call.
     """
 
@@ -172,12 +175,9 @@ class AffineCoupling(Coupling):
     def _scale_shift(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         t, raw = params[:, 0], params[:, 1]  # (B, N_b) each
         scale, log_scale = self.scale(raw)
-        with torch.no_grad():
-            self.stats = {
-                "min_scale": float(scale.min()),
-                "max_scale": float(scale.max()),
-                "max_abs_shift": _absmax(t),
-            }
+        if stats_wanted():  # 0-d tensors, read by whoever asked (base.py: diagnostics only when asked)
+            with torch.no_grad():
+                self.stats = {"min_scale": scale.min(), "max_scale": scale.max(), "max_abs_shift": _absmax(t)}
         return scale, log_scale, t
 
     def _couple(self, xb, params):

@@ -23,7 +23,8 @@ class Logit(Transform):
     """``y = logit(alpha + (1 - 2 alpha) x)`` on ``-alpha / (1 - 2 alpha) < x < (1 - alpha) / (1 - 2 alpha)``
     (which contains ``[0, 1]`` when ``alpha > 0``; it is ``(0, 1)`` when ``alpha = 0``).
 
-    Any shape ``(B, ...)``. Inputs outside the domain raise :class:`InputOutsideDomain`; data-range
+    Any shape ``(B, ...)``. Inputs outside the domain raise :class:`InputOutsideDomain` at the public
+    entry (the model's, or the layer's own when called alone; :func:`~.base.validation`); data-range
     checks (levels, ``[0, 1]``) belong to the data pipeline (:func:`stableflows.metrics.check_levels`).
     """
 
@@ -41,7 +42,10 @@ class Logit(Transform):
         lo = -self.alpha / (1.0 - 2.0 * self.alpha)
         return lo, 1.0 - lo
 
-    def _check_domain(self, x):
+    def _check_domain(self, x, direction="forward"):
+        """Checked at the public entry (the Logit is the first layer of a flow; see base.py)."""
+        if direction != "forward":
+            return
         lo, hi = self.domain()
         u = self.alpha + (1.0 - 2.0 * self.alpha) * x
         one_minus_u = (1.0 - self.alpha) - (1.0 - 2.0 * self.alpha) * x
@@ -58,7 +62,6 @@ class Logit(Transform):
             )
 
     def _forward(self, x):
-        self._check_domain(x)
         u = self.alpha + (1.0 - 2.0 * self.alpha) * x
         one_minus_u = (1.0 - self.alpha) - (1.0 - 2.0 * self.alpha) * x  # 1 - u without cancellation
         log_u, log_1mu = torch.log(u), torch.log(one_minus_u)

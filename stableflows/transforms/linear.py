@@ -81,13 +81,14 @@ class Invertible1x1(Transform):
     def _logdet(self, x: Tensor) -> Tensor:
         return (self._positions * self.log_abs_det()).expand(x.shape[0])
 
+    def _check_event(self, x, direction, what):
+        check_shape(x, self.shape, what)
+
     def _forward(self, x):
-        check_shape(x, self.shape)
         rows = _to_rows(x) @ self.weight_matrix().T  # (N, C): z_n = W x_n
         return _from_rows(rows, x), self._logdet(x)
 
     def _inverse(self, z):
-        check_shape(z, self.shape)
         rows = _to_rows(z)  # (N, C); solve x_n W^T = z_n for every row
         if self.lu:
             # x U^T L^T P^T = z  <=>  (x U^T) L^T = z P  (P orthogonal)
@@ -119,12 +120,13 @@ class Permutation(Transform):
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
 
+    def _check_event(self, x, direction, what):
+        check_shape(x, self.shape, what)
+
     def _forward(self, x):
-        check_shape(x, self.shape)
         return x.index_select(1, self.perm), x.new_zeros(x.shape[0])
 
     def _inverse(self, z):
-        check_shape(z, self.shape)
         return z.index_select(1, self.inv_perm), z.new_zeros(z.shape[0])
 
     def extra_repr(self) -> str:

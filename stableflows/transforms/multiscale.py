@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import ShapeError, Transform, sum_except_batch
+from .base import ShapeError, Transform, stats_wanted, sum_except_batch
 
 __all__ = ["Flatten", "ElementwiseAffine", "SplitPrior", "MultiScale"]
 
@@ -30,14 +30,16 @@ class Flatten(Transform):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
 
-    def _forward(self, x):
-        if tuple(x.shape[1:]) != self.shape:
+    def _check_event(self, x, direction, what):
+        if direction == "forward" and tuple(x.shape[1:]) != self.shape:
             raise ShapeError(f"Flatten expects (B, {self.shape}), got {tuple(x.shape)}")
+        if direction == "inverse" and (x.dim() != 2 or x.shape[1] != math.prod(self.shape)):
+            raise ShapeError(f"Flatten.inverse expects (B, {math.prod(self.shape)}), got {tuple(x.shape)}")
+
+    def _forward(self, x):
         return x.reshape(x.shape[0], -1), x.new_zeros(x.shape[0])
 
     def _inverse(self, z):
-        if z.dim() != 2 or z.shape[1] != math.prod(self.shape):
-            raise ShapeError(f"Flatten.inverse expects (B, {math.prod(self.shape)}), got {tuple(z.shape)}")
         return z.reshape(z.shape[0], *self.shape), z.new_zeros(z.shape[0])
 
 
@@ -98,7 +100,8 @@ class SplitPrior(Transform):
         h1, h2 = x[:, : self.c1], x[:, self.c1:]
         mu, logs = self._params(h1)
         eps = (h2 - mu) * torch.exp(-logs)
-        self.stats = {"min_prior_scale": float(torch.exp(logs).min().detach())}
+        if stats_wanted():
+            self.stats = {"min_prior_scale": torch.exp(logs).min().detach()}
         return torch.cat([h1, eps], dim=1), -sum_except_batch(logs)
 
     def _inverse(self, z):
@@ -106,7 +109,8 @@ class SplitPrior(Transform):
             return z, z.new_zeros(z.shape[0])
         h1, eps = z[:, : self.c1], z[:, self.c1:]
         mu, logs = self._params(h1)
-        self.stats = {"min_prior_scale": float(torch.exp(logs).min().detach())}
+        if stats_wanted():
+            self.stats = {"min_prior_scale": torch.exp(logs).min().detach()}
         return torch.cat([h1, eps * torch.exp(logs) + mu], dim=1), sum_except_batch(logs)
 
 
@@ -134,9 +138,18 @@ class MultiScale(Transform):
         z = torch.cat([z1, eps.reshape(eps.shape[0], -1)], dim=1)  # (B, D)
         return z, ld + ld_p + ld_i
 
+    def _check_event(self, x, direction, what):
+        if direction == "forward":
+            self.level._check_event(x, direction, what)
+        elif x.dim() != 2 or x.shape[1] != self.d_kept + math.prod(self.out_shape):
+            raise ShapeError(f"multi-scale latent must be flat (B, {self.d_kept + math.prod(self.out_shape)}), "
+                             f"got {tuple(x.shape)}")
+
+    def _check_domain(self, x, direction):
+        if direction == "forward":
+            self.level._check_domain(x, direction)
+
     def _inverse(self, z):
-        if z.dim() != 2:
-            raise ShapeError(f"multi-scale latent must be flat (B, D), got {tuple(z.shape)}")
         z1, eps = z[:, : self.d_kept], z[:, self.d_kept:]
         h1, ld_i = self.inner.inverse(z1)
         h = torch.cat([h1, eps.reshape(z.shape[0], *self.out_shape)], dim=1)

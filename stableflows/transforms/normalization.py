@@ -28,7 +28,8 @@ class ActNorm(Transform):
 
     The first ``forward`` call in training mode sets ``b = -mean`` and ``logs = -log(std + eps)``
     over batch and spatial positions, and flips the buffer ``initialized`` (saved in the
-    ``state_dict``, so a loaded model is not re-initialised). Under ``torch.distributed`` the
+    ``state_dict``, so a loaded model is not re-initialised). The flag is read from the device once
+    (the first training call after construction or loading); afterwards its host copy decides. Under ``torch.distributed`` the
     statistics are pooled over all ranks, so every rank gets the same initialisation.
     """
 
@@ -39,6 +40,7 @@ class ActNorm(Transform):
         self.bias = nn.Parameter(torch.zeros(c))
         self.logs = nn.Parameter(torch.zeros(c))
         self.register_buffer("initialized", torch.tensor(False))
+        self._known_initialized = False  # host copy of a True ``initialized``: no device read per step
         self._positions = math.prod(self.shape[1:])  # H * W (1 for vectors)
 
     def _view(self, p: Tensor) -> Tensor:
@@ -47,14 +49,17 @@ class ActNorm(Transform):
     def _logdet(self, x: Tensor) -> Tensor:
         return (self._positions * self.logs.sum()).expand(x.shape[0]).to(x.dtype)
 
+    def _check_event(self, x, direction, what):
+        check_shape(x, self.shape, what)
+
     def _forward(self, x):
-        check_shape(x, self.shape)
-        if self.training and not bool(self.initialized):
-            self.initialize(x)
+        if self.training and not self._known_initialized:
+            if not bool(self.initialized):  # read once per model: later steps know it on the host
+                self.initialize(x)
+            self._known_initialized = True
         return (x + self._view(self.bias)) * self._view(self.logs).exp(), self._logdet(x)
 
     def _inverse(self, z):
-        check_shape(z, self.shape)
         return z * self._view(-self.logs).exp() - self._view(self.bias), -self._logdet(z)
 
     @torch.no_grad()
@@ -64,6 +69,11 @@ class ActNorm(Transform):
         self.bias.copy_(-mean)
         self.logs.copy_(-torch.log(var.sqrt() + ACTNORM_INIT_EPS))
         self.initialized.fill_(True)
+        self._known_initialized = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = False  # the loaded flag is read again on the next training call
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, initialized={bool(self.initialized)}"

@@ -38,20 +38,25 @@ class Squeeze(Transform):
             raise ValueError(f"Squeeze factor must be a positive integer, got {factor!r}")
         self.factor = int(factor)
 
+    def _check_event(self, x, direction, what):
+        f = self.factor
+        if direction == "forward":
+            if x.dim() != 4:
+                raise ShapeError(f"Squeeze needs images (B, C, H, W), got shape {tuple(x.shape)}")
+            if x.shape[2] % f or x.shape[3] % f:
+                raise ShapeError(f"Squeeze({f}): height and width must be divisible by {f}, got {tuple(x.shape)}")
+        else:
+            if x.dim() != 4:
+                raise ShapeError(f"Squeeze inverse needs images (B, C, H, W), got shape {tuple(x.shape)}")
+            if x.shape[1] % (f * f):
+                raise ShapeError(f"Squeeze({f}) inverse: channels must be divisible by {f * f}, got {tuple(x.shape)}")
+
     def _forward(self, x):
         f = self.factor
-        if x.dim() != 4:
-            raise ShapeError(f"Squeeze needs images (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ShapeError(f"Squeeze({f}): height and width must be divisible by {f}, got {tuple(x.shape)}")
         return F.pixel_unshuffle(x, f), x.new_zeros(x.shape[0])  # (B, C f^2, H/f, W/f)
 
     def _inverse(self, z):
         f = self.factor
-        if z.dim() != 4:
-            raise ShapeError(f"Squeeze inverse needs images (B, C, H, W), got shape {tuple(z.shape)}")
-        if z.shape[1] % (f * f):
-            raise ShapeError(f"Squeeze({f}) inverse: channels must be divisible by {f * f}, got {tuple(z.shape)}")
         return F.pixel_shuffle(z, f), z.new_zeros(z.shape[0])  # (B, C / f^2, H f, W f)
 
     def extra_repr(self) -> str:

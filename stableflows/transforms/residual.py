@@ -9,15 +9,22 @@
 
 Inverse: fixed-point iteration ``x_{k+1} = z - g(x_k)`` from ``x_0 = z`` until
 ``|x_{k+1} - x_k| <= atol + rtol |z|`` elementwise (``x_k - x_{k+1} = F(x_k) - z`` is the residual of
-the equation), at most ``max_iter`` iterations. ``stats`` records the iterations, the final residual
+the equation), at most ``max_iter`` iterations (one device read each: the stopping tests; training
+never inverts). ``stats`` records the iterations, ``converged`` and ``diverged`` (non-finite, or the
+per-example residual grew far above its smallest value: what a non-contractive ``g`` does), and, when
+asked (:func:`~stableflows.transforms.base.collect_stats`, tracing) or on failure, the final residual
 (max over the batch of ``max |F(x_k) - z|``; the returned ``x_{k+1}`` is at least as close for a
-contraction), ``converged`` and ``diverged`` (non-finite, or the per-example residual grew far above
-its smallest value: what a non-contractive ``g`` does). A block whose certified bound is
-``Lip(g) >= 1`` reports ``contractive = 0``. Nothing is returned silently: a non-converged inverse
+contraction) and the certified bound (``contractive = 0`` for ``Lip(g) >= 1``). Nothing is returned silently: a non-converged inverse
 warns (:class:`InverseNotConvergedWarning`) and, with ``strict=True``, raises
 :class:`~stableflows.transforms.base.InverseNotConverged` (:class:`NotContractiveError` for a bound
 ``>= 1``). Gradients through the inverse use the implicit function theorem
 (``dx/dz = (I + J_g)^-1``, an adjoint fixed point in backward), not the unrolled iterations.
+
+Under ``torch.compile`` a block runs eagerly (``torch.compiler.disable``: one graph break per block
+and direction), the layers around it compile: the log-det estimators differentiate ``g`` twice in
+training (the Neumann surrogate, the exact Jacobian with ``create_graph``), which AOTAutograd does
+not support; the Russian roulette draws its number of terms on the host, which sets the length of
+the series (one graph per count otherwise); the fixed-point inverse stops on a tolerance.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from torch import Tensor, nn
 
 from ..estimators import LogDetEstimator, make_estimator
 from .activations import make_activation
-from .base import InverseNotConverged, Transform, check_finite
+from .base import InverseNotConverged, Transform, check_finite, stats_wanted
 from .lipschitz import DEFAULT_COEFF, LipschitzConv2d, LipschitzLinear, frozen_normalization, lipschitz_bound
 
 __all__ = [
@@ -115,6 +122,7 @@ class ResidualBlock(Transform):
         return value
 
     # ------------------------------------------------------------------ forward
+    @torch.compiler.disable  # eager inside torch.compile: see _estimate
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.strict:
             self._check_contractive()
@@ -123,8 +131,13 @@ class ResidualBlock(Transform):
         return x + gx, logdet
 
     # ------------------------------------------------------------------ inverse
-    def _fixed_point(self, z: Tensor) -> tuple[Tensor, dict]:
-        """Solve ``x + g(x) = z`` without a graph; per-example residuals go to ``last_inverse_residual``."""
+    def _check_domain(self, x: Tensor, direction: str) -> None:
+        if direction == "inverse":  # the fixed point of a non-finite z is not defined
+            check_finite(x, "ResidualBlock inverse input")
+
+    def _fixed_point(self, z: Tensor) -> tuple[Tensor, Tensor, int, bool, bool]:
+        """Solve ``x + g(x) = z`` without a graph: ``(x, residual (B,), iterations, converged, diverged)``.
+        One device read per iteration (the three stopping tests together)."""
         b = z.shape[0]
         growth = DIVERGENCE_GROWTH * math.sqrt(z[0].numel())
         tol = self.inverse_atol + self.inverse_rtol * z.abs()
@@ -141,41 +154,50 @@ class ResidualBlock(Transform):
                 flat = step.reshape(b, -1)
                 res_max = flat.abs().amax(dim=1)  # (B,)
                 res_2 = flat.norm(dim=1)
-                if not bool(torch.isfinite(res_2).all()):
+                best = torch.minimum(best, res_2)
+                nonfinite, done, grew = torch.stack([~torch.isfinite(res_2).all(), (step.abs() <= tol).all(),
+                                                     (res_2 > growth * best).any()]).tolist()
+                if nonfinite:
                     diverged = True
                     break
-                if bool((step.abs() <= tol).all()):
+                if done:
                     converged = True
                     break
-                best = torch.minimum(best, res_2)
-                if bool((res_2 > growth * best).any()):
+                if grew:
                     diverged = True
                     break
-        self.last_inverse_residual = res_max
-        info = {"inverse_iterations": float(it), "inverse_residual": float(res_max.max()),
-                "inverse_converged": float(converged), "inverse_diverged": float(diverged)}
-        return x, info
+        return x, res_max, it, converged, diverged
 
+    def _bound(self) -> float:
+        """The certified ``Lip(g)`` bound as a float (nan if not certifiable; reads the device)."""
+        bound = self.lipschitz_bound()
+        return math.nan if bound is None else bound
+
+    @torch.compiler.disable  # eager inside torch.compile: a host loop to a tolerance, and the estimator
     def _inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        check_finite(z, "ResidualBlock inverse input")
         with frozen_normalization(self.g):  # every call of g below sees the same weights
-            bound = self._check_contractive()
-            x, info = self._fixed_point(z)
-            info["lipschitz_bound"] = bound
-            info["contractive"] = float(bound < 1.0) if not math.isnan(bound) else math.nan
+            bound = self._check_contractive() if self.strict else None
+            x, res_max, it, converged, diverged = self._fixed_point(z)
+            self.last_inverse_residual = res_max  # (B,), on the device
+            info = {"inverse_iterations": float(it), "inverse_converged": float(converged),
+                    "inverse_diverged": float(diverged)}  # known on the host: always recorded
+            if stats_wanted() or not converged:  # the residual and the bound are device reads
+                bound = self._bound() if bound is None else bound
+                info["inverse_residual"] = res_max.max()
+                info["lipschitz_bound"] = bound
+                info["contractive"] = float(bound < 1.0) if not math.isnan(bound) else math.nan
             self.stats = info
-            if not info["inverse_converged"]:
-                what = "diverged" if info["inverse_diverged"] else "did not converge"
-                msg = (f"ResidualBlock fixed-point inverse {what} after {int(info['inverse_iterations'])} "
-                       f"iterations (residual {info['inverse_residual']:.3g}, atol {self.inverse_atol:g}, "
-                       f"rtol {self.inverse_rtol:g}, Lip(g) bound {bound:.4g})")
+            if not converged:
+                what = "diverged" if diverged else "did not converge"
+                residual = float(info["inverse_residual"])
+                msg = (f"ResidualBlock fixed-point inverse {what} after {it} iterations (residual {residual:.3g}, "
+                       f"atol {self.inverse_atol:g}, rtol {self.inverse_rtol:g}, Lip(g) bound {bound:.4g})")
                 if self.strict:
-                    raise InverseNotConverged(msg, iterations=int(info["inverse_iterations"]),
-                                              residual=info["inverse_residual"])
+                    raise InverseNotConverged(msg, iterations=it, residual=residual)
                 warnings.warn(msg, InverseNotConvergedWarning, stacklevel=3)
             params = [p for p in self.g.parameters() if p.requires_grad]
             if torch.is_grad_enabled() and (z.requires_grad or params):
-                x = _ImplicitInverse.apply(self, z, x, int(info["inverse_iterations"]), *params)
+                x = _ImplicitInverse.apply(self, z, x, it, *params)
             _, logdet = self.estimator(self.g, x, training=self.training)
             self.stats.update(self.estimator.stats)
         return x, -logdet
@@ -220,7 +242,7 @@ class _ImplicitInverse(torch.autograd.Function):
                     break
                 else:
                     converged = False
-            block.stats["inverse_grad_iterations"] = float(it)
+            block.stats["inverse_grad_iterations"] = float(it)  # host-known
             if converged is False:
                 msg = f"ResidualBlock inverse gradient (adjoint fixed point) did not converge in {it} iterations"
                 if block.strict:
@@ -240,12 +262,9 @@ def _all_true(mask: Tensor) -> bool | None:
 
 # ----------------------------------------------------------------------------- residual branches
 def _lipschitz_kwargs(coeff, norm, n_power_iter, atol, rtol, max_power_iter) -> dict:
-    kw = dict(coeff=coeff, norm=norm, n_power_iter=n_power_iter, max_iter=max_power_iter)
-    if atol is not None:
-        kw["atol"] = atol
-    if rtol is not None:
-        kw["rtol"] = rtol
-    return kw
+    # atol = rtol = None: exactly n_power_iter iterations per training call, no device read (base.py);
+    # a tolerance: adaptive, reading the change of sigma from the device after every iteration
+    return dict(coeff=coeff, norm=norm, n_power_iter=n_power_iter, max_iter=max_power_iter, atol=atol, rtol=rtol)
 
 
 def mlp_lipschitz(dim: int, hidden: int, *, coeff: float = DEFAULT_COEFF, activation: str = "lipswish",
@@ -253,7 +272,9 @@ def mlp_lipschitz(dim: int, hidden: int, *, coeff: float = DEFAULT_COEFF, activa
                   atol: float | None = None, rtol: float | None = None, max_power_iter: int = 100) -> nn.Sequential:
     """``g`` for vectors: ``[act ->] Linear(dim, hidden) -> act -> ... -> Linear(hidden, dim)`` with
     ``n_layers`` normalised linear layers (``Lip(g) <= coeff^n_layers``); ``preact`` puts an activation
-    first (as the fully connected blocks of the paper's image models, app. E)."""
+    first (as the fully connected blocks of the paper's image models, app. E). Power iteration:
+    ``n_power_iter`` per training call, or adaptive with a tolerance ``atol`` / ``rtol``
+    (:class:`~stableflows.transforms.lipschitz.LipschitzLinear`; it reads the device every iteration)."""
     if n_layers < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
     kw = _lipschitz_kwargs(coeff, norm, n_power_iter, atol, rtol, max_power_iter)
@@ -272,7 +293,8 @@ def conv_lipschitz(channels: int, hidden: int, *, coeff: float = DEFAULT_COEFF, 
                    max_power_iter: int = 100) -> nn.Sequential:
     """``g`` for images (Chen et al. 2019, app. E):
     ``act -> kxk conv -> act -> 1x1 conv -> act -> kxk conv``, channels ``C -> hidden -> hidden -> C``,
-    every conv normalised as an operator at the input size ``input_shape=(H, W)`` (or the first input's)."""
+    every conv normalised as an operator at the input size ``input_shape=(H, W)`` (or the first input's);
+    power iteration as :func:`mlp_lipschitz`."""
     kw = _lipschitz_kwargs(coeff, norm, n_power_iter, atol, rtol, max_power_iter)
     return nn.Sequential(
         make_activation(activation),

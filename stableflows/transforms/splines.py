@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .base import stats_wanted
 from .coupling import Coupling
 
 __all__ = ["rq_spline", "SplineCoupling", "DEFAULT_BINS", "DEFAULT_BOUND", "MIN_BIN", "MIN_DERIVATIVE"]
@@ -102,7 +103,7 @@ def rq_spline(x: Tensor, raw_w: Tensor, raw_h: Tensor, raw_d: Tensor, *, bound: 
 
 class SplineCoupling(Coupling):
     """``y_b = RQS(x_b; theta(x_a))`` on ``[-bound, bound]``, identity outside; ``bins`` = K.
-    ``stats``: ``outside_fraction`` (share of transformed entries in the identity tails) of the last call."""
+    ``stats`` (when asked): ``outside_fraction`` (share of transformed entries in the identity tails) of the last call."""
 
     def __init__(self, shape, *, mask: str = "channel", parity: int = 0, hidden: int = 64, bins: int = DEFAULT_BINS,
                  bound: float = DEFAULT_BOUND):
@@ -118,8 +119,9 @@ class SplineCoupling(Coupling):
         k = self.bins
         p = params.transpose(1, 2)  # (B, N_b, 3K - 1)
         out, logd = rq_spline(v, p[..., :k], p[..., k:2 * k], p[..., 2 * k:], bound=self.bound, inverse=inverse)
-        with torch.no_grad():
-            self.stats = {"outside_fraction": float((v.abs() > self.bound).double().mean())}
+        if stats_wanted():
+            with torch.no_grad():
+                self.stats = {"outside_fraction": (v.abs() > self.bound).double().mean()}
         return out, logd.sum(dim=1)
 
     def _couple(self, xb, params):
