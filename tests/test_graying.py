@@ -37,7 +37,7 @@ def test_graying_curve_scores_grayed_images_with_the_full_dequantisation_noise()
     for a, mean in zip(factors, out["test"]["mean"]):
         xa = torch.round(8.0 + a * (x - 8.0))
         with torch.no_grad():
-            ref = bits_per_dim(flow, xa, levels=L, u=u)  # the metric of DESIGN.md with that noise
+            ref = bits_per_dim(flow, xa, levels=L, u=u)  # the metric of docs/METRICS.md with that noise
         assert mean == pytest.approx(float(ref.mean()), rel=1e-9)
     v0 = fixed_dequantize(gray_levels(x, L, 0.0), L)
     span = (v0 * L - 8.0).numpy()

@@ -25,7 +25,7 @@ import numpy as np
 __all__ = ["DEFAULT_DATA_DIRS", "load_data", "json_safe", "write_json", "figure", "levels_text", "aggregate",
            "paired", "Claim", "Report", "fmt", "seed_markdown", "Progress", "PROGRESS", "run_seeds"]
 
-# data sets installed on the machines of this project (DESIGN.md): used when --data-dir is not given
+# data sets installed on the machines of this project (docs/METRICS.md): used when --data-dir is not given
 DEFAULT_DATA_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 
 

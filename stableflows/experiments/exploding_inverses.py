@@ -6,7 +6,7 @@ Inverses in Invertible Neural Networks" (papers 000 and 001), at the scale of a 
   trained with memory-saving gradients on digits; test accuracy, reconstruction error, min / max
   singular value of the Jacobian, and two verdicts: the poster's (its table marks a model
   invertible with reconstruction error 4.3e-2 and non-invertible only at an infinite error, so:
-  every test example reconstructs finitely) and the stricter one of DESIGN.md (finite and error
+  every test example reconstructs finitely) and the stricter one of docs/METRICS.md (finite and error
   <= 1e-3, the audit's). :func:`supervised_table` also takes ``data="cifar10", data_dir=...,
   paper=True`` (the authors' settings; for a GPU machine).
 
@@ -208,7 +208,7 @@ def assess(model, splits, *, spectra_points: int = 64) -> dict:
         "min_sv": float(torch.nan_to_num(s.fwd_smin, nan=0.0).min()) if s is not None else math.nan,
         "max_sv": float(torch.nan_to_num(s.fwd_smax, nan=math.inf).max()) if s is not None else math.nan,
         "invertible": bool(finite.all()),  # the poster's criterion: every reconstruction finite
-        "invertible_1e-3": rep.verdict.families["test"].status == "invertible",  # DESIGN.md / the audit
+        "invertible_1e-3": rep.verdict.families["test"].status == "invertible",  # docs/METRICS.md / the audit
         "test_bpd": res["bpd"],
     }
     model.train()
@@ -304,7 +304,7 @@ def supervised_table(out_dir: Path, *, quick: bool = False, seed: int = 0, data:
         f"Supervised table (poster), {data}, memory-saving gradients, {st['steps']} steps, lr {st['lr']:g}, "
         f"FD weight {st['fd_weight']:.3g} every {st['fd_every']}, scale {scale}. invertible: every test "
         f"reconstruction finite (the poster's criterion); invertible_1e-3: finite and L2 error <= 1e-3 "
-        f"(DESIGN.md); fd_rows_*: FD rows non-finite at eps / at every backtracked step, summed over training\n\n"
+        f"(docs/METRICS.md); fd_rows_*: FD rows non-finite at eps / at every backtracked step, summed over training\n\n"
         + _markdown(rows, cols))
     _plot_angles(out_dir / "gradient_angle.png", {k: v for k, v in runs.items()})
     _plot_recon(out_dir / "reconstruction.png", runs)

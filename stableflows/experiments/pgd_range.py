@@ -16,7 +16,7 @@ steps, random start, 64 test examples) in
 
 with a random search of the same budget as the baseline. Reported per flow and set: % of attacked
 examples whose reconstruction is non-finite, the largest and the median finite L2 reconstruction
-error, and the two verdicts (the poster's: finite; DESIGN.md: finite and <= 1e-3).
+error, and the two verdicts (the poster's: finite; docs/METRICS.md: finite and <= 1e-3).
 
 Flows: Glow (affine couplings, Glow's sigmoid scale, LU 1x1 convolutions, learned split priors) and
 a Residual Flow (the vector model of ``configs/resflow_digits.toml``: 8 fully connected blocks, LipSwish,
