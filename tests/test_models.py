@@ -137,7 +137,7 @@ def test_entry_validation_names_dtype_empty_batch_and_the_logit_domain():
     layers are not re-checked, and ``validation(False)`` switches the checks off."""
     from stableflows.transforms.base import InputOutsideDomain, validation
 
-    flow = glow(shape=(1, 8, 8), hidden=8, steps_per_level=1)  # float64 (fixture)
+    flow = glow(shape=(1, 8, 8), hidden=8, steps_per_level=1, logit_alpha=0.05)  # float64 (fixture)
     _init(flow, (1, 8, 8))
     x = torch.rand(3, 1, 8, 8) * 0.9 + 0.05
     for call in (flow.log_prob, flow.forward):

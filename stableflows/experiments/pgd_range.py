@@ -55,7 +55,10 @@ ATTACK = dict(constraints=("cell", "range"), examples=64, steps=50, widen=WIDEN,
 def centred(flow: Flow) -> Flow:
     """``flow`` with the fixed shift ``v -> v - 1/2`` in front (frozen parameters, log-det 0): the
     rest of the flow sees [0, 1) data as [-0.5, 0.5)."""
+    ref = next((t for t in flow.parameters() if torch.is_floating_point(t)), None)
     shift = ElementwiseAffine(flow.shape)
+    if ref is not None:
+        shift = shift.to(dtype=ref.dtype, device=ref.device)
     with torch.no_grad():
         shift.mu.fill_(0.5)
     shift.mu.requires_grad_(False)
