@@ -1,4 +1,4 @@
-"""Metrics defined once (DESIGN.md).
+"""Metrics defined once (docs/METRICS.md).
 
 bits/dim on discrete data with ``L`` levels: ``v = (x + u) / L``, ``u ~ U[0,1)^D``,
 ``bpd = -(log p(v) - D ln L) / (D ln 2)``. A uniform model scores ``log2 L``.
@@ -41,7 +41,7 @@ def bits_per_dim(flow, x: Tensor, levels: int, u: Tensor | None = None, seed: in
     """Per-example bits/dim of integer data ``x`` under ``flow``.
 
     The dequantisation noise is ``u`` if given, else drawn with ``seed`` (the fixed test-time
-    noise of DESIGN.md; ``seed=None`` draws from the global RNG).
+    noise of docs/METRICS.md; ``seed=None`` draws from the global RNG).
     """
     check_levels(x, levels)
     gen = None

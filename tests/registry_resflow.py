@@ -15,6 +15,8 @@ ENTRIES = {
                          shape=(3,), domain="unit"),
     "resflow_toy2d_inf": Entry(build=lambda: resflow(shape=(2,), levels=1, steps_per_level=2, hidden=5, norm="inf",
                                                      **EXACT), shape=(2,)),
+    "resflow_toy2d_mixed": Entry(build=lambda: resflow(shape=(2,), levels=1, steps_per_level=2, hidden=5,
+                                                       norm="mixed", **EXACT), shape=(2,)),
     "resflow_img": Entry(build=lambda: resflow(shape=IMG, levels=2, steps_per_level=1, hidden=3, **EXACT),
                          shape=IMG, domain="unit", gradcheck=False),
     "resflow_img_factor_out_fc": Entry(

@@ -39,7 +39,7 @@ def _ref_errors(x, fwd, inv):
     l2 = torch.linalg.norm(d, dim=1)
     linf = torch.linalg.norm(d, ord=math.inf, dim=1)
     rel = l2 / torch.linalg.norm(x.double().reshape(x.shape[0], -1), dim=1)
-    bad = ~torch.isfinite(d).all(dim=1)  # DESIGN.md: a non-finite reconstruction has error inf
+    bad = ~torch.isfinite(d).all(dim=1)  # docs/METRICS.md: a non-finite reconstruction has error inf
     for e in (l2, linf, rel):
         e[bad] = math.inf
     return l2, linf, rel
@@ -181,7 +181,7 @@ def test_nonfinite_and_raising_examples_are_counted_never_dropped(tmp_path):
 
     def inv(z):
         if bool(((z[:, 3] < 0.1) & torch.isfinite(z).all(dim=1)).any()):
-            raise RuntimeError("planted failure")
+            raise FloatingPointError("planted failure")  # a numerical failure: part of the verdict
         out = z.clone()
         out[(z[:, 2] > 0.8) & (z[:, 3] >= 0.1), 5] = math.nan
         return out

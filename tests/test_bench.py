@@ -270,3 +270,129 @@ def test_cli_rejects_unknown_models(capsys):
 
     assert main(["bench", "--models", "no-such-model", "--budget", "1"]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 28x28 (Fashion-MNIST)
+FM_SHAPE = (1, 28, 28)
+FM_LEVELS = 256
+AUTOREGRESSIVE = {"zuko-maf", "zuko-nsf"}  # inverses of 784 sequential passes (~15 s here): forward only
+CONV = ("stableflows-glow", "normflows-glow", "FrEIA-glow", "FrEIA-allinone")  # reshape to (4, 14, 14)
+
+
+def test_fashion_mnist_task_and_settings():
+    from stableflows.bench.contender import TASKS, get_task
+
+    t = TASKS["fashion-mnist"]
+    assert (t.shape, t.levels) == (FM_SHAPE, FM_LEVELS) and get_task("fmnist") is t
+    assert harness.BenchSettings(data="fmnist").data == "fashion-mnist"
+    with pytest.raises(ValueError, match="unknown benchmark data"):
+        harness.BenchSettings(data="cifar100")
+
+
+def _ready28(name: str) -> Contender:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = models.build(name, hidden=SMALL_HIDDEN, shape=FM_SHAPE)
+        c.module.double().train()
+        with torch.no_grad():
+            c.log_prob(c.module, _v28(16, seed=1))
+            if c.family != "residual":
+                g = torch.Generator().manual_seed(2)
+                for p in (q for q in c.module.parameters() if q.requires_grad):
+                    p.add_(PERTURB * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    c.module.eval()
+    return c
+
+
+def _v28(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *FM_SHAPE, generator=g, dtype=torch.float64) * 0.9 + 0.05
+
+
+@pytest.mark.parametrize("name", CONTENDERS)
+def test_adapters_at_28x28(name):
+    c = _ready28(name)
+    v = _v28(2)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        z = c.forward(c.module, v)
+        lp = c.log_prob(c.module, v)
+        assert z.shape[0] == 2 and z[0].numel() == 784 and lp.shape == (2,) and torch.isfinite(lp).all()
+        if name in AUTOREGRESSIVE:
+            return
+        back = c.inverse(c.module, z)
+    tol = RESIDUAL_ROUNDTRIP_ATOL if c.family == "residual" else FLOAT32_BUILT.get(name, ROUNDTRIP_ATOL)
+    assert back.shape == v.shape and float((back - v).abs().max()) <= tol
+    if name in CONV:  # the squeezed (4, 14, 14) layouts: log-det against a brute-force 784 x 784 Jacobian
+        def f(x):
+            return c.forward(c.module, x.reshape(1, *FM_SHAPE)).reshape(-1)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap falls back to a loop for some FrEIA ops
+            jac = torch.autograd.functional.jacobian(f, v[0].reshape(-1), vectorize=True)  # (784, 784)
+        with torch.no_grad():
+            z0 = f(v[0].reshape(-1))
+        ref = -0.5 * float(z0.pow(2).sum()) - 392 * math.log(2 * math.pi) + float(torch.linalg.slogdet(jac).logabsdet)
+        assert abs(float(lp[0]) - ref) <= FLOAT32_BUILT.get(name, LOGDET_ATOL) * max(1.0, abs(ref))
+
+
+def _splits28(n_train=96, n_val=16, n_test=24):
+    """Random 8-bit 28x28 splits (the harness's shape and level handling, not the data, is tested)."""
+    from stableflows.data.splits import Splits
+
+    g = torch.Generator().manual_seed(0)
+
+    def lv(n):
+        return torch.randint(0, FM_LEVELS, (n, *FM_SHAPE), generator=g).float()
+
+    return Splits(train=lv(n_train), val=lv(n_val), test=lv(n_test), y_train=None, y_val=None, y_test=None,
+                  levels=FM_LEVELS, shape=FM_SHAPE, name="fashion-mnist")
+
+
+def test_run_one_at_28x28_with_a_tiny_budget():
+    s = harness.BenchSettings(data="fashion-mnist", budget=30, max_steps=3, eval_every=2, threads=1, ood_n=8,
+                              match_params=False, flops=False, paired_rounds=0)
+    splits = _splits28()
+    torch.manual_seed(0)
+    c = models.build("stableflows-glow", hidden=4, shape=FM_SHAPE)
+    r = harness.run_one("stableflows-glow", s, splits=splits, contender=c)
+    assert r["steps"] == 3 and r["settings"]["data"] == "fashion-mnist"
+    assert [h["step"] for h in r["history"]] == [2, 3]
+    assert math.isfinite(r["test_bpd_selected"]) and 0 < r["test_bpd_selected"] < 16
+    assert r["reconstruction"]["test"]["n"] == 24 and all(r["reconstruction"][f]["n"] == 8 for f in
+                                                         harness.OOD_BENCH_FAMILIES)
+    # the selected weights' test bpd is the docs/METRICS.md bits/dim with 256 levels and the fixed noise
+    from stableflows.train.evaluate import fixed_noise
+
+    x, u = splits.test.double(), fixed_noise(tuple(splits.test.shape)).double()
+    got = harness.evaluate_bpd(c, c.module.double(), x, u, FM_LEVELS)
+    with torch.no_grad():
+        ref = float(bits_per_dim(c.module.eval(), x, FM_LEVELS, u=u).mean())
+    assert abs(got["bpd"] - ref) <= 1e-9
+    with pytest.raises(ValueError, match="digits"):
+        harness.run_one("stableflows-glow", harness.BenchSettings(max_steps=1), splits=splits, contender=c)
+
+
+def test_paired_timing_and_report_at_28x28(tmp_path):
+    from stableflows.bench.paired import paired_step_times
+
+    s = harness.BenchSettings(data="fashion-mnist", threads=1, match_params=False)
+    cs = {n: models.build(n, hidden=4, shape=FM_SHAPE) for n in ("stableflows-glow", "FrEIA-glow")}
+    out = paired_step_times(list(cs), s, rounds=1, steps=1, warmup=0, splits=_splits28(), contenders=cs)
+    assert [m["name"] for m in out["models"]] == list(cs) and all(m["ms_per_step"] > 0 for m in out["models"])
+    md = session.markdown({"started_utc": "t", "machine": {"cpu": "x", "cores": 2, "torch": "2"}, "libraries": {},
+                           "settings": {"batch_size": 64, "threads": 2, "budget": 1, "preprocess": "logit",
+                                        "device": "cpu", "data": "fashion-mnist"},
+                           "matmul_at_start": {"n": 8, "flops_per_s": 1e9}, "results": [], "targets": {}})
+    assert "Task: fashion-mnist (28x28, 256 levels)" in md
+
+
+def test_cli_bench_data_option(capsys):
+    from stableflows.cli import main
+
+    assert main(["bench", "--data", "cifar100", "--list"]) == 2
+    capsys.readouterr()
+    assert main(["bench", "--data", "fashion-mnist", "--list"]) == 0
+    assert "stableflows-glow" in capsys.readouterr().out
+

@@ -136,3 +136,87 @@ def test_resolve_checkpoint(tmp_path):
     assert resolve_checkpoint(tmp_path / "last.pt") == tmp_path / "last.pt"
     with pytest.raises(CheckpointError, match="no such"):
         resolve_checkpoint(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- integrity
+def _flip_exponent_bit(path: pathlib.Path, value: float) -> None:
+    """Set the top exponent bit of the first float32 equal to ``value`` in the file (0.5 -> 1.7e38)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(struct.pack("<f", value))
+    assert at > 0
+    data[at + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _flip_in_member(path: pathlib.Path, value: float) -> None:
+    """The same flip, done inside the archive's member and written as a new archive, so every CRC
+    matches the damaged bytes (a damage the zip layer cannot see)."""
+    import io
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = [(i, z.read(i.filename)) for i in z.infolist()]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for info, data in members:
+            at = data.find(struct.pack("<f", value)) if "/data/" in info.filename else -1
+            if at >= 0:
+                data = data[:at + 3] + bytes([data[at + 3] ^ 0x40]) + data[at + 4:]
+            z.writestr(info, data)
+    path.write_bytes(buf.getvalue())
+
+
+def test_a_flipped_bit_is_refused_naming_the_file_and_the_tensor(tmp_path):
+    p = save_checkpoint(tmp_path / "last.pt", state(0.5))
+    good = p.read_bytes()
+    _flip_exponent_bit(p, 0.5)
+    with pytest.raises(CheckpointError, match="CRC-32") as e:  # the zip CRC, which torch.load ignores
+        load_checkpoint(p)
+    assert str(p) in str(e.value)
+    assert float(torch.load(p, weights_only=True)["model"]["w"].flatten()[0]) > 1e38  # what torch alone gives
+    p.write_bytes(good)
+    _flip_in_member(p, 0.5)  # CRCs consistent: the digest still catches it, and names the tensor
+    with pytest.raises(CheckpointError, match=r"tensor model\.w does not match the stored checksum"):
+        load_checkpoint(p)
+
+
+def test_digests_follow_a_written_out_definition(tmp_path):
+    """The stored digest of a tensor is SHA-256 of its dtype, shape and little-endian bytes."""
+    import hashlib
+
+    p = save_checkpoint(tmp_path / "a.pt", state(0.25))
+    s = torch.load(p, weights_only=True)
+    w = torch.full((3, 2), 0.25)
+    ref = hashlib.sha256(b"torch.float32(3, 2)" + w.numpy().astype("<f4").tobytes()).hexdigest()
+    assert s["checksum"]["tensors"]["model.w"] == ref
+    # an edit of a plain entry (re-saved by torch, CRCs fine) is caught by the state digest
+    s["step"] = 8
+    torch.save(s, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match="non-tensor entries"):
+        load_checkpoint(tmp_path / "edited.pt")
+
+
+def test_checkpoints_without_checksums_load_with_a_note(tmp_path):
+    torch.save({**state(1.0), "format": ck.FORMAT, "format_version": 1}, tmp_path / "v1.pt")
+    with pytest.warns(ck.UnverifiedCheckpointWarning, match="no checksums"):
+        s = load_checkpoint(tmp_path / "v1.pt")
+    assert s["step"] == 7
+    torch.save({**state(1.0), "format": ck.FORMAT, "format_version": 2}, tmp_path / "stripped.pt")
+    with pytest.raises(CheckpointError, match="checksum entry is missing"):
+        load_checkpoint(tmp_path / "stripped.pt")
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "a.pt", state(1.0))
+        ck.atomic_write_text(tmp_path / "m.json", "{}")
+        reference = tmp_path / "plain"
+        reference.write_text("x")  # what open() gives under this umask
+    finally:
+        os.umask(old)
+    for name in ("a.pt", "m.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640 == reference.stat().st_mode & 0o777

@@ -136,3 +136,17 @@ def test_demo_config_is_valid():
     validate_config(cfg)
     assert cfg.model.model == "glow" and cfg.data.name == "digits" and cfg.train.out_dir == "runs/demo"
     assert 60 <= cfg.train.time_budget <= 180  # make demo must finish within 5 minutes on 2 cores
+
+
+def test_unset_options_pass_and_set_ones_are_checked():
+    """Options left unset (None: the model's own default) pass; every set number is checked."""
+    import math
+
+    from stableflows.train.validation import validate_config
+
+    validate_config(RunConfig())  # the defaults, several of them None
+    for section, field, value in (("model", "coeff", 0.0), ("model", "coeff", math.inf), ("model", "power_atol", -1.0),
+                                  ("model", "logit_alpha", 0.5), ("data", "val_size", 1.0), ("train", "lr", math.nan)):
+        with pytest.raises(ConfigError, match=f"{section}.{field}"):
+            validate_config(RunConfig().replace(section, **{field: value}))
+    validate_config(RunConfig().replace("model", coeff=0.5, power_atol=None))

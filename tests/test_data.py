@@ -311,6 +311,43 @@ def test_corrupt_and_truncated_gzip(tmp_path):
         assert str(gz) in str(e.value)
 
 
+def _peak_bytes(fn) -> int:
+    """Peak Python-heap allocation (tracemalloc) while ``fn`` runs; its exception is swallowed."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    except StableflowsError:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_decompression_bomb_is_refused_without_inflating_it(tmp_path):
+    """A gzip that expands to 64 MiB behind a header announcing 10 images (7840 bytes) is refused
+    after inflating at most the announced size; a header announcing more than any gzip of that
+    size can hold (deflate expands at most 1032:1) is refused before inflating anything."""
+    bomb = tmp_path / "bomb-idx3-ubyte.gz"
+    head = struct.pack(">BBBB3I", 0, 0, 0x08, 3, 10, 28, 28)
+    bomb.write_bytes(gzip.compress(head + bytes(64 << 20), compresslevel=1))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(DatasetFormatError, match="trailing bytes"):
+        read_idx(bomb)
+    assert _peak_bytes(lambda: read_idx(bomb)) < 4 << 20  # the 64 MiB are never held
+    huge = tmp_path / "huge-idx3-ubyte.gz"
+    huge.write_bytes(gzip.compress(struct.pack(">BBBB3I", 0, 0, 0x08, 3, 60000, 2800, 2800) + bytes(1000)))
+    with pytest.raises(DatasetFormatError, match="more than a .*-byte gzip file can hold"):
+        read_idx(huge)
+    assert _peak_bytes(lambda: read_idx(huge)) < 1 << 20
+    plain = tmp_path / "claims-idx3-ubyte"
+    plain.write_bytes(struct.pack(">BBBB3I", 0, 0, 0x08, 3, 60000, 28, 28) + bytes(100))
+    with pytest.raises(DatasetFormatError, match="truncated"):
+        read_idx(plain)
+
+
 def test_missing_files_named(tmp_path):
     _write_mnist(tmp_path / "mnist", np.random.default_rng(4), skip=(MNIST_NAMES[3],))
     with pytest.raises(DatasetNotFound) as e:
@@ -419,6 +456,49 @@ def test_restricted_unpickler_plain_values():
     out = restricted_load(pickle.dumps(obj, protocol=2))
     assert out[b"a"] == [1, 2, b"x", "s", 2.5] and out["c"] == b""
     np.testing.assert_array_equal(out["b"], np.arange(5))
+
+
+class _Stub:
+    """Pickles as ``fn(*args)`` with an optional BUILD ``state``: hand-made array constructions."""
+
+    def __init__(self, fn, args, state=None):
+        self.fn, self.args, self.state = fn, args, state
+
+    def __reduce__(self):
+        return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
+
+
+_RECON = np.ndarray.__reduce__(np.zeros(1))[0]
+N_FAKE = 12000  # 12000 x 3072 bytes = 35 MiB that are not in the file
+
+
+@pytest.mark.parametrize("payload", [
+    _Stub(np.ndarray, ((N_FAKE, 3072), "u1")),  # numpy.ndarray(shape): an allocation from nothing
+    _Stub(_RECON, (np.ndarray, (N_FAKE, 3072), b"B")),  # _reconstruct with the full shape, no data
+    _Stub(_RECON, (np.ndarray, (0,), b"b"), (1, (N_FAKE, 3072), np.dtype("u1"), False,
+                                              _Stub(bytes, (N_FAKE * 3072,)))),  # bytes(n): zeros not stored
+    np.array([1, "a", None], dtype=object),  # an object array
+], ids=["ndarray-call", "reconstruct-shape", "bytes-n", "object-dtype"])
+def test_pickles_that_build_arrays_from_no_stored_data_are_refused(tmp_path, payload):
+    blob = pickle.dumps({b"data": payload, b"labels": [0] * N_FAKE}, protocol=2)
+    assert len(blob) < 64 << 10  # a small file ...
+    with pytest.raises(UnsafePickleError):
+        restricted_load(blob)
+    d = tmp_path / "cifar-10-batches-py"
+    _write_cifar(d, np.random.default_rng(8))
+    (d / "data_batch_1").write_bytes(blob)
+    with pytest.raises(UnsafePickleError, match="data_batch_1"):
+        load_dataset(DataConfig(name="cifar10", data_dir=str(tmp_path)))
+    assert _peak_bytes(lambda: restricted_load(blob)) < 4 << 20  # ... that never becomes 35 MiB
+
+
+def test_arrays_of_stored_bytes_still_load():
+    a = np.arange(3072 * 2, dtype=np.uint16).reshape(2, 3072).astype(np.uint8)
+    for proto in (2, 3, 4, 5):
+        out = restricted_load(pickle.dumps({b"data": a, b"t": a[:, ::2], b"e": a[:0]}, protocol=proto))
+        np.testing.assert_array_equal(out[b"data"], a)
+        np.testing.assert_array_equal(out[b"t"], a[:, ::2])  # not contiguous: _reconstruct + BUILD at any protocol
+        assert out[b"e"].shape == (0, 3072)
 
 
 def test_cifar_bad_batches(tmp_path):

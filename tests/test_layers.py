@@ -349,5 +349,5 @@ def test_float32_glow_like_stack_reconstructs_within_design_tolerance():
     z, ld = flow(x)
     x_rec, ld_inv = flow.inverse(z)
     assert z.dtype == torch.float32 and torch.isfinite(z).all()
-    assert (x_rec - x).abs().max() < 1e-4  # DESIGN.md: invertible within 1e-3 in float32 on [0, 1] data
+    assert (x_rec - x).abs().max() < 1e-4  # docs/METRICS.md: invertible within 1e-3 in float32 on [0, 1] data
     assert torch.allclose(ld_inv, -ld, rtol=1e-5, atol=1e-3)

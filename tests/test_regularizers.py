@@ -8,8 +8,9 @@ import torch
 
 from stableflows.memory import memory_saving
 from stableflows.models.factories import flow_step
-from stableflows.regularizers import (FiniteDifferenceRegularizer, FlowObjectiveRegularizer, fd_penalty,
-                                      forward_fd_penalty, inverse_fd_penalty, nll_per_dim, unit_directions)
+from stableflows.regularizers import (AUTHORS_FD_WEIGHT, FiniteDifferenceRegularizer, FlowObjectiveRegularizer,
+                                      fd_difference, fd_penalty, forward_fd_penalty, inverse_fd_penalty, jvp_penalty,
+                                      log1p_penalty, nll_per_dim, robust_rows_mean, unit_directions)
 from stableflows.transforms.base import Compose, Transform
 
 torch.set_num_threads(1)
@@ -113,7 +114,8 @@ def test_fd_gradients_same_with_and_without_memory_saving(coupling):
     for name, t in (("stored", flow), ("saving", ms)):
         z = t(x)[0]
         pen, logs = reg(t, x, z=z, step=0, generator=torch.Generator().manual_seed(6))
-        assert set(logs) == {"fd_forward", "fd_inverse", "fd_forward_nonfinite", "fd_inverse_nonfinite"}
+        assert set(logs) == {"fd_forward", "fd_inverse", "fd_forward_nonfinite", "fd_inverse_nonfinite",
+                             "fd_forward_dropped", "fd_inverse_dropped"}
         grads[name] = torch.autograd.grad(pen, params, allow_unused=True)
     # every parameter the Jacobian depends on gets a gradient; biases may not (J of a ReLU net
     # does not depend on its biases almost everywhere, nor on ActNorm's shift)
@@ -156,8 +158,9 @@ class ExplodingInverse(Transform):
 
 
 def test_inverse_fd_keeps_acting_on_finite_rows_where_some_explode():
-    """Rows whose moved inverse overflows are left out (and counted) instead of making the whole
-    penalty and its gradient NaN; the rest equals the closed form on those rows alone."""
+    """Rows whose inverse overflows even at the example itself (so at every step) are the only rows
+    left out; they are counted and the batch mean is still over all rows. The rest equals the
+    closed form, and the gradient is finite."""
     t = ExplodingInverse()
     g = torch.Generator().manual_seed(3)
     z = 0.1 * torch.randn(6, 3, generator=g, dtype=torch.float64)
@@ -167,16 +170,16 @@ def test_inverse_fd_keeps_acting_on_finite_rows_where_some_explode():
     assert int((~torch.isfinite(naive)).sum()) == 2  # the planted failure is real
     reg = FiniteDifferenceRegularizer(weight_forward=0.0, weight_inverse=1.0, eps=0.1, every=1)
     pen, logs = reg(t, z, z=z, step=0, generator=torch.Generator().manual_seed(9))
-    assert logs["fd_inverse_nonfinite"] == 2
+    assert logs["fd_inverse_nonfinite"] == 2 and logs["fd_inverse_dropped"] == 2
     (grad,) = torch.autograd.grad(pen, [t.w])
     assert math.isfinite(float(pen.detach())) and math.isfinite(float(grad))
     keep = [0, 2, 3, 5]
 
-    def closed_form(w):  # ||F^-1(z + eps d) - F^-1(z)||^2 / eps^2 on the kept rows, written out
+    def closed_form(w):  # sum of ||F^-1(z + eps d) - F^-1(z)||^2 / eps^2 on the kept rows, over all 6
         zk, dk = z[keep], d[keep]
         m = zk + 0.1 * dk
         diff = m * torch.exp(w * m[:, :1] ** 2) - zk * torch.exp(w * zk[:, :1] ** 2)
-        return (diff ** 2).sum(1).mean() / 0.01
+        return (diff ** 2).sum(1).sum() / 0.01 / 6
 
     w = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
     ref = closed_form(w)
@@ -185,7 +188,87 @@ def test_inverse_fd_keeps_acting_on_finite_rows_where_some_explode():
     assert math.isclose(float(grad), float(ref_grad), rel_tol=1e-10)
     z[:, 0] = 40.0  # every row explodes: no penalty, all counted
     pen, logs = reg(t, z, z=z, step=0, generator=torch.Generator().manual_seed(9))
-    assert float(pen) == 0.0 and logs["fd_inverse_nonfinite"] == 6
+    assert float(pen) == 0.0 and logs["fd_inverse_nonfinite"] == 6 and logs["fd_inverse_dropped"] == 6
+
+
+class WallInverse(Transform):
+    """Inverse ``x = z exp(w z_0)`` for ``z_0 < 1`` and ``inf`` beyond: a planted wall just past the
+    example, so the moved point at ``eps`` is non-finite while a smaller step is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+    def _forward(self, x):
+        return x.clone(), x.new_zeros(x.shape[0])
+
+    def _inverse(self, z):
+        inside = z[:, :1] < 1.0
+        return torch.where(inside, z * torch.exp(self.w * z[:, :1]), torch.full_like(z, math.inf)), \
+            z.new_zeros(z.shape[0])
+
+
+def test_exploding_row_enters_through_the_backtracked_log1p_surrogate():
+    """Row 2 sits at z_0 = 0.96 and moves by 0.6 eps in z_0: non-finite at eps = 0.1 (1.02 > 1),
+    finite at eps / 2 (0.99). It contributes log1p(R(eps / 2)); the others their exact penalty.
+    Reference: the formula written out, differentiated by autograd."""
+    t = WallInverse()
+    z = torch.tensor([[0.1, 0.2], [-0.3, 0.5], [0.96, 0.0], [0.2, -0.4]], dtype=torch.float64)
+    d = torch.tensor([[0.6, 0.8], [0.0, 1.0], [0.6, 0.8], [-0.8, 0.6]], dtype=torch.float64)
+    assert not math.isfinite(float(inverse_fd_penalty(t, z[2:3], eps=0.1, d=d[2:3]).detach()))
+    pen, counts = robust_rows_mean(lambda rows, eps: fd_difference(t.inverse, z[rows], eps=eps, d=d[rows]), 4, 0.1)
+    assert counts == (1, 0)
+
+    def written_out(w):
+        def inv(v):
+            return v * torch.exp(w * v[:, :1])
+
+        def r(rows, eps):
+            return ((inv(z[rows] + eps * d[rows]) - inv(z[rows])) ** 2).sum(1) / eps ** 2
+
+        return (r([0, 1, 3], 0.1).sum() + torch.log1p(r([2], 0.05)).sum()) / 4
+
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    ref = written_out(w)
+    (g,) = torch.autograd.grad(pen, [t.w])
+    (g_ref,) = torch.autograd.grad(ref, [w])
+    assert math.isclose(float(pen.detach()), float(ref.detach()), rel_tol=1e-12)
+    assert math.isclose(float(g), float(g_ref), rel_tol=1e-10)
+
+
+def test_log1p_surrogate_is_finite_where_the_square_overflows():
+    """float32 differences of 3e20 / 4e20: the squared norm overflows, log1p of it does not; the
+    value equals the float64 log1p(||diff||^2 / eps^2)."""
+    diff = torch.tensor([[3e20, 4e20], [3.0, 4.0]], dtype=torch.float32)
+    assert not math.isfinite(float(diff[0].pow(2).sum()))
+    got = log1p_penalty(diff, 0.1)
+    ref = torch.log1p(diff.double().pow(2).sum(1) / 0.01)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_exact_jvp_penalty_on_a_linear_map():
+    """mode='jvp': ||W d||^2 and ||W^-1 d||^2 exactly, and the gradient 2 (W d) d^T."""
+    w = _w()
+    lin = Linear(w)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    d = unit_directions(x, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(jvp_penalty(lin, x, d), (d @ w.T).pow(2).sum(1), rtol=1e-10, atol=1e-12)
+    winv = torch.linalg.inv(w)
+    torch.testing.assert_close(jvp_penalty(lin.inverse, x, d), (d @ winv.T).pow(2).sum(1), rtol=1e-8, atol=1e-12)
+    (g,) = torch.autograd.grad(jvp_penalty(lin, x, d).sum(), [lin.w])
+    torch.testing.assert_close(g, 2 * (d @ w.T).T @ d, rtol=1e-8, atol=1e-12)
+    ms = memory_saving(Compose(lin))
+    reg = FiniteDifferenceRegularizer(weight_forward=0.5, weight_inverse=0.0, every=1, mode="jvp")
+    pen, logs = reg(ms, x, step=0, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(pen, 0.5 * (d @ w.T).pow(2).sum(1).mean(), rtol=1e-10, atol=1e-12)
+    assert logs["fd_forward_nonfinite"] == 0
+    with pytest.raises(ValueError, match="mode"):
+        FiniteDifferenceRegularizer(mode="exact")
+
+
+def test_authors_weight_conversion():
+    """c eps D of the authors' CIFAR-10 command line (c = 1e-4, eps = 0.1, D = 3072)."""
+    assert AUTHORS_FD_WEIGHT == pytest.approx(1e-4 * 0.1 * 3072) and AUTHORS_FD_WEIGHT == pytest.approx(0.0307, abs=1e-4)
 
 
 def test_schedule_and_validation():

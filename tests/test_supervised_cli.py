@@ -68,7 +68,7 @@ def test_classifier_with_fd_and_memory_saving_writes_accuracy(tmp_path, spy, cap
     assert "test error" in text and "gradient checks: 4" in text
     # eval reports accuracy from the stored config and matches the training run's test record
     assert main(["eval", str(out)]) == 0
-    res = json.loads((out / "eval.json").read_text())
+    res = json.loads(next(out.glob("eval-best-step*-test.json")).read_text())  # named after the checkpoint
     assert res["metric"] == "error" and res["acc"] == pytest.approx(test["test_acc"])
     assert res["bpd"] == pytest.approx(test["test_bpd"], rel=1e-5)
 

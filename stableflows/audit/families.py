@@ -12,7 +12,7 @@ name                   inputs
 ``uniform``, ``gaussian``, ``constant``, ``grayed``, ``inverted``, ``out_of_range``,
 ``natural_patches``    the OOD families of :func:`stableflows.data.ood.ood_family`
                        (``noise`` = uniform + gaussian, ``patches`` = natural_patches,
-                       ``ood`` = all seven)
+                       ``ood`` = all seven; ``grayed_mid`` and ``digits28`` (28x28) are named only)
 =====================  ==========================================================================
 
 ``all`` is every family but ``train``. A latent family's generated ``x`` is then round-tripped like
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError
+from ..data.ood import EXTRA_FAMILIES, FAMILY_DESCRIPTIONS
 
 __all__ = ["FamilyInput", "expand_families", "build_family", "TEMPERATURES", "CLIP_THRESHOLDS",
            "CLIP_TEMPERATURE", "DEFAULT_FAMILIES", "OOD_NAMES"]
@@ -34,10 +35,10 @@ __all__ = ["FamilyInput", "expand_families", "build_family", "TEMPERATURES", "CL
 TEMPERATURES = (1.0, 0.7, 0.0)
 CLIP_THRESHOLDS = (1000.0, 100.0, 10.0)
 CLIP_TEMPERATURE = 0.0  # paper 003 samples z = 0 with clipped activations
-OOD_NAMES = ("uniform", "gaussian", "constant", "grayed", "inverted", "out_of_range", "natural_patches")
+OOD_NAMES = ("uniform", "gaussian", "constant", "grayed", "inverted", "out_of_range", "natural_patches") + EXTRA_FAMILIES
 DEFAULT_FAMILIES = ("test", "samples", "clipped", "noise", "constant", "grayed", "inverted", "out_of_range",
                     "patches")
-_ALIASES = {"noise": ("uniform", "gaussian"), "patches": ("natural_patches",), "ood": OOD_NAMES}
+_ALIASES = {"noise": ("uniform", "gaussian"), "patches": ("natural_patches",), "ood": tuple(n for n in OOD_NAMES if n not in EXTRA_FAMILIES)}
 
 
 def _fmt(v: float) -> str:
@@ -93,13 +94,29 @@ class FamilyInput:
     temperature: float | None = None
     clip: float | None = None
 
+    @property
+    def size(self) -> int:
+        return int((self.x if self.x is not None else self.z).shape[0])
+
+    def head(self, k: int) -> "FamilyInput":
+        """The first ``k`` examples (a time budget's cut)."""
+        return self.part(0, k)
+
+    def part(self, a: int, b: int) -> "FamilyInput":
+        """Examples ``a`` to ``b - 1``."""
+        return FamilyInput(self.name, self.kind, self.description, x=None if self.x is None else self.x[a:b],
+                           z=None if self.z is None else self.z[a:b], temperature=self.temperature, clip=self.clip)
+
+
+LATENT_N = 256  # samples per latent family when the audit has no data to size them
+
 
 def build_family(name: str, model, *, test: Tensor, train: Tensor | None = None, levels: int | None = None,
                  n: int | None = None, seed: int = 0) -> FamilyInput:
     """The inputs of family ``name`` for ``model`` (an :class:`~stableflows.audit.adapters.Invertible`
     whose ``latent_shape`` is known); ``test`` (and ``train``) are model-space data. ``n`` caps
     the number of examples (default: as many as ``test``)."""
-    n_ref = test.shape[0]
+    n_ref = test.shape[0] if test is not None else (LATENT_N if n is None else int(n))
     n = n_ref if n is None else int(n)
     if name == "test":
         return FamilyInput(name, "data", "held-out data", x=test[:n])
@@ -124,7 +141,7 @@ def build_family(name: str, model, *, test: Tensor, train: Tensor | None = None,
 
         m = min(n, n_ref)
         x = ood_family(name, test, m, seed=seed, levels=levels)
-        return FamilyInput(name, "data", _OOD_DESCRIPTIONS[name], x=x.to(test.dtype))
+        return FamilyInput(name, "data", _OOD_DESCRIPTIONS.get(name) or FAMILY_DESCRIPTIONS[name], x=x.to(test.dtype))
     raise ConfigError(f"unknown audit family {name!r}")
 
 

@@ -1,8 +1,10 @@
-"""Train and measure one contender on the digits task under a fixed wall-clock budget.
+"""Train and measure one contender on a benchmark task under a fixed wall-clock budget.
 
 The recipe is the same for every model, stableflows' and the peers' (only the model differs):
 
-* data: digits of DESIGN.md (1437 train = 1293 train + 144 validation, 360 test; 8x8, L = 17),
+* data (``BenchSettings.data``, :data:`~.contender.TASKS`): digits of docs/METRICS.md (1437 train = 1293
+  train + 144 validation, 360 test; 8x8, L = 17), or Fashion-MNIST (54,000 train + 6,000 validation,
+  10,000 test; 28x28, L = 256; the first 2,000 validation images score every evaluation),
   dequantised ``v = (x + u) / L`` with fresh ``u`` every batch, batch 64, epoch permutations;
 * data-dependent initialisation: one forward pass in training mode on 512 training examples
   (every library's ActNorm initialises on it);
@@ -15,7 +17,7 @@ The recipe is the same for every model, stableflows' and the peers' (only the mo
   the end, next to the end-of-budget weights. bits/dim use the fixed test noise (seed 0).
 
 Measured on the selected weights: reconstruction ``||v - F^-1(F(v))||_2`` per example on test data
-and on OOD families (:func:`stableflows.data.ood.ood_family`): uniform and Gaussian noise, constant
+(Fashion-MNIST: the first 1,000 test images) and on OOD families (:func:`stableflows.data.ood.ood_family`): uniform and Gaussian noise, constant
 images, out-of-range values; the share of non-finite reconstructions (failures, never dropped) and
 of inputs the model refuses with :class:`~stableflows.transforms.base.InputOutsideDomain` (a logit
 outside ``[0, 1]``); the time of one inverse pass (latents of 64 test images); peak memory of the
@@ -46,7 +48,7 @@ from torch import Tensor, nn
 
 from ..metrics import nats_to_bpd
 from ..transforms.base import InputOutsideDomain
-from .contender import EVENT_SHAPE, LEVELS, PREPROCESS, Contender
+from .contender import LEVELS, PREPROCESS, TASKS, Contender, get_task
 
 __all__ = ["BenchSettings", "run_one", "reconstruction", "evaluate_bpd", "OOD_BENCH_FAMILIES", "main"]
 
@@ -79,6 +81,7 @@ class BenchSettings:
     ood_n: int = OOD_N
     flops: bool = True
     paired_rounds: int = 9  # interleaved rounds of the paired step timing (:mod:`.paired`); 0: skip it
+    data: str = "digits"  # the task (:data:`~.contender.TASKS`): digits | fashion-mnist
 
     def __post_init__(self):
         if not (self.budget > 0 and math.isfinite(self.budget)):
@@ -89,6 +92,7 @@ class BenchSettings:
             raise ValueError(f"paired_rounds must be >= 0, got {self.paired_rounds}")
         if self.preprocess not in PREPROCESS:
             raise ValueError(f"preprocess must be one of {PREPROCESS}, got {self.preprocess!r}")
+        object.__setattr__(self, "data", get_task(self.data).data)  # canonical name; unknown names raise
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BenchSettings":
@@ -113,16 +117,17 @@ def _rss_peak_mb() -> float:
 
 
 @torch.no_grad()
-def evaluate_bpd(c: Contender, module: nn.Module, x: Tensor, u: Tensor) -> dict[str, float]:
-    """Mean bits/dim of integer data ``x`` with the fixed noise ``u`` (both ``(N, 1, 8, 8)``), and
-    the share of examples whose bits/dim is not finite (they make the mean non-finite)."""
+def evaluate_bpd(c: Contender, module: nn.Module, x: Tensor, u: Tensor, levels: int = LEVELS, *,
+                 batch: int = EVAL_BATCH) -> dict[str, float]:
+    """Mean bits/dim of integer data ``x`` with ``levels`` levels and the fixed noise ``u`` (both
+    ``(N, *shape)``), and the share of examples whose bits/dim is not finite (they make the mean non-finite)."""
     was = module.training
     module.eval()
     per = []
     try:
-        for i in range(0, x.shape[0], EVAL_BATCH):
-            v = (x[i:i + EVAL_BATCH] + u[i:i + EVAL_BATCH]) / LEVELS  # v = (x + u) / L
-            per.append(nats_to_bpd(c.log_prob(module, v), v[0].numel(), LEVELS).double())
+        for i in range(0, x.shape[0], batch):
+            v = (x[i:i + batch] + u[i:i + batch]) / levels  # v = (x + u) / L
+            per.append(nats_to_bpd(c.log_prob(module, v), v[0].numel(), levels).double())
         bpd = torch.cat(per)
     except Exception as e:  # noqa: BLE001 - a model that fails to score counts as non-finite
         return {"bpd": math.nan, "nonfinite_pct": 100.0, "error": f"{type(e).__name__}: {e}"[:200]}
@@ -226,10 +231,12 @@ class _Run:
         from ..train.optim import adamw
 
         self.c, self.s, self.device = c, s, device
+        self.levels = int(splits.levels)
         self.module = c.module.to(device)
         self.train_x = splits.train.to(device)
-        self.val_x, self.test_x = splits.val.to(device), splits.test.to(device)
-        self.val_u = fixed_noise(tuple(splits.val.shape)).to(device)
+        val = splits.val[:get_task(s.data).val_n]  # (N_val, *shape); the task may cap it
+        self.val_x, self.test_x = val.to(device), splits.test.to(device)
+        self.val_u = fixed_noise(tuple(val.shape)).to(device)
         self.test_u = fixed_noise(tuple(splits.test.shape)).to(device)
         self.gens = {k: torch.Generator().manual_seed(s.seed + off) for k, off in SEED_OFFSETS.items()}
         self.perm, self.pos = None, 0
@@ -247,7 +254,7 @@ class _Run:
 
     def _dequantize(self, raw: Tensor, gen: torch.Generator) -> Tensor:
         u = torch.rand(raw.shape, generator=gen, dtype=raw.dtype).to(self.device)
-        return (raw + u) / LEVELS
+        return (raw + u) / self.levels
 
     def _init(self) -> None:
         n = self.train_x.shape[0]
@@ -266,7 +273,7 @@ class _Run:
         return self._dequantize(self.train_x[idx], self.gens["noise"])
 
     def loss(self, v: Tensor) -> Tensor:
-        return nats_to_bpd(self.c.log_prob(self.module, v), v[0].numel(), LEVELS).mean()
+        return nats_to_bpd(self.c.log_prob(self.module, v), v[0].numel(), self.levels).mean()
 
     def train_step(self) -> None:
         s = self.s
@@ -293,7 +300,8 @@ class _Run:
             self.ema.update(self.module)
 
     def validate(self) -> None:
-        val = evaluate_bpd(self.c, self.eval_module, self.val_x, self.val_u)
+        val = evaluate_bpd(self.c, self.eval_module, self.val_x, self.val_u, self.levels,
+                           batch=get_task(self.s.data).eval_batch)
         self.history.append({"step": self.step, "time": round(self.train_time, 3), "val_bpd": val["bpd"]})
         if math.isfinite(val["bpd"]) and (self.best is None or val["bpd"] < self.best[0]):
             state = {k: t.detach().clone() for k, t in self.eval_module.state_dict().items()}
@@ -359,12 +367,13 @@ def run_one(name: str, settings: BenchSettings | None = None, *, splits=None, ta
     from .models import build, reference_params
 
     s = settings or BenchSettings()
+    task = TASKS[s.data]
     torch.set_num_threads(s.threads)
     device = resolve_device(s.device)
     if splits is None:
-        splits = load_dataset(DataConfig(name="digits"), seed=s.seed)
-    if tuple(splits.shape) != EVENT_SHAPE or splits.levels != LEVELS:
-        raise ValueError(f"the benchmark task is digits {EVENT_SHAPE} with {LEVELS} levels, got "
+        splits = load_dataset(DataConfig(name=task.data), seed=s.seed)
+    if tuple(splits.shape) != task.shape or splits.levels != task.levels:
+        raise ValueError(f"the benchmark task is {task.data} {task.shape} with {task.levels} levels, got "
                          f"{tuple(splits.shape)} with {splits.levels}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -372,9 +381,10 @@ def run_one(name: str, settings: BenchSettings | None = None, *, splits=None, ta
     torch.manual_seed(s.seed)
     if contender is None:
         if s.match_params and target_params is None:
-            target_params = reference_params(s.preprocess)
+            target_params = reference_params(s.preprocess, task.shape)
         torch.manual_seed(s.seed)
-        contender = build(name, match=target_params if s.match_params else None, preprocess=s.preprocess)
+        contender = build(name, match=target_params if s.match_params else None, preprocess=s.preprocess,
+                          shape=task.shape)
     c = contender
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # libraries' deprecation warnings (e.g. torch.lu) are not results
@@ -383,14 +393,14 @@ def run_one(name: str, settings: BenchSettings | None = None, *, splits=None, ta
         peak_train = _rss_peak_mb()  # before the measurements below allocate their own
         cuda_train = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
         steps_per_s = run.step / run.train_time if run.train_time > 0 else 0.0
-        end = evaluate_bpd(c, run.eval_module, run.test_x, run.test_u)
+        end = evaluate_bpd(c, run.eval_module, run.test_x, run.test_u, task.levels, batch=task.eval_batch)
         best = run.selected()
-        sel = evaluate_bpd(c, best, run.test_x, run.test_u)
-        v_test = (run.test_x + run.test_u) / LEVELS
-        recon = {"test": reconstruction(c, best, v_test)}
+        sel = evaluate_bpd(c, best, run.test_x, run.test_u, task.levels, batch=task.eval_batch)
+        v_test = (run.test_x + run.test_u) / task.levels
+        recon = {"test": reconstruction(c, best, v_test[:task.recon_n])}
         for fam in OOD_BENCH_FAMILIES:
             ref = v_test[: s.ood_n] if fam == "out_of_range" else v_test
-            x = ood_family(fam, ref.cpu(), min(s.ood_n, ref.shape[0]), seed=s.seed, levels=LEVELS).to(device)
+            x = ood_family(fam, ref.cpu(), min(s.ood_n, ref.shape[0]), seed=s.seed, levels=task.levels).to(device)
             recon[fam] = reconstruction(c, best, x)
         inv_s = time_inverse(c, best, v_test[:INVERSE_BATCH], device)
         flops = _flops(run, s, steps_per_s, device) if s.flops else {}

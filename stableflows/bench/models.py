@@ -1,6 +1,7 @@
 """stableflows' own contenders and the registry of every benchmarked model.
 
-``CONTENDERS``: name -> builder ``(hidden: int | None, preprocess: str) -> Contender``. Names are
+``CONTENDERS``: name -> builder ``(hidden: int | None, preprocess: str, shape=EVENT_SHAPE) -> Contender``
+(``shape``: the task's event shape, :data:`~.contender.TASKS`). Names are
 ``library-model``. The peer libraries' builders live in :mod:`.peers` and are listed only when
 the library imports. :data:`REFERENCE` (stableflows' Glow at its default width) fixes the
 parameter count the other contenders are matched to.
@@ -24,7 +25,8 @@ DEFAULT_HIDDEN = 128  # stableflows' Glow of configs/demo.toml (2 levels x 4 ste
 
 
 def stableflows_config(model: str, hidden: int, preprocess: str) -> ModelConfig:
-    """The :class:`ModelConfig` of a stableflows contender (2 levels x 4 steps/blocks on 8x8 digits)."""
+    """The :class:`ModelConfig` of a stableflows contender (2 levels x 4 steps/blocks; 8x8 digits and
+    28x28 images both squeeze twice: 8 -> 4 -> 2, 28 -> 14 -> 7)."""
     if preprocess not in PREPROCESS:
         raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
     alpha = LOGIT_ALPHA if preprocess == "logit" else 0.0
@@ -42,13 +44,13 @@ FLATTEN = {"resflow"}  # contenders trained on flattened images (as configs/resf
 
 
 def _stableflows(model: str, family: str, description: str) -> Callable[..., Contender]:
-    def build(hidden: int | None = None, preprocess: str = "logit") -> Contender:
+    def build(hidden: int | None = None, preprocess: str = "logit", shape=EVENT_SHAPE) -> Contender:
         from ..models.registry import build_model
 
         h = DEFAULT_HIDDEN if hidden is None else hidden
         flat = model in FLATTEN
-        shape = (math.prod(EVENT_SHAPE),) if flat else EVENT_SHAPE
-        flow = build_model(stableflows_config(model, h, preprocess), shape)
+        image = tuple(shape)
+        flow = build_model(stableflows_config(model, h, preprocess), (math.prod(image),) if flat else image)
 
         def _in(v: Tensor) -> Tensor:
             return v.flatten(1) if flat else v
@@ -61,7 +63,7 @@ def _stableflows(model: str, family: str, description: str) -> Callable[..., Con
 
         def inverse(m: nn.Module, z: Tensor) -> Tensor:
             x = m.inverse(z)[0]
-            return x.view(-1, *EVENT_SHAPE) if flat else x
+            return x.view(-1, *image) if flat else x
 
         return Contender(name=f"stableflows-{model}", library="stableflows", family=family, module=flow,
                          log_prob=log_prob, forward=forward, inverse=inverse, hidden=h, description=description)
@@ -98,17 +100,19 @@ def available() -> dict[str, Callable[..., Contender]]:
     return out
 
 
-def reference_params(preprocess: str = "logit") -> int:
-    return CONTENDERS[REFERENCE](None, preprocess).n_params
+def reference_params(preprocess: str = "logit", shape=EVENT_SHAPE) -> int:
+    return CONTENDERS[REFERENCE](None, preprocess, shape=shape).n_params
 
 
-def build(name: str, *, hidden: int | None = None, match: int | None = None, preprocess: str = "logit") -> Contender:
-    """Build contender ``name`` at width ``hidden``, or at the width whose parameter count is closest
-    to ``match`` (``hidden`` and ``match`` both None: the contender's default width)."""
+def build(name: str, *, hidden: int | None = None, match: int | None = None, preprocess: str = "logit",
+          shape=EVENT_SHAPE) -> Contender:
+    """Build contender ``name`` for event ``shape`` at width ``hidden``, or at the width whose parameter
+    count is closest to ``match`` (``hidden`` and ``match`` both None: the contender's default width)."""
     table = available()
     if name not in table:
         raise KeyError(f"unknown or unavailable contender {name!r}; available: {', '.join(table)}")
     builder = table[name]
+    shape = tuple(shape)
     if hidden is None and match is not None:
-        hidden = match_hidden(lambda h: builder(h, preprocess), match)
-    return builder(hidden, preprocess)
+        hidden = match_hidden(lambda h: builder(h, preprocess, shape=shape), match)
+    return builder(hidden, preprocess, shape=shape)

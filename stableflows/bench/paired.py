@@ -43,23 +43,25 @@ def paired_step_times(names: Sequence[str], settings: BenchSettings | None = Non
     from ..config import DataConfig
     from ..data import load_dataset
     from ..train.distributed import resolve_device
+    from .contender import TASKS
     from .models import build, reference_params
 
     if len(names) < 1 or rounds < 1 or steps < 1 or warmup < 0:
         raise ValueError("need at least one model, rounds >= 1, steps >= 1, warmup >= 0")
     s = settings or BenchSettings()
+    task = TASKS[s.data]
     torch.set_num_threads(s.threads)
     device = resolve_device(s.device)
-    splits = splits if splits is not None else load_dataset(DataConfig(name="digits"), seed=s.seed)
+    splits = splits if splits is not None else load_dataset(DataConfig(name=task.data), seed=s.seed)
     if target_params is None and s.match_params and contenders is None:
-        target_params = reference_params(s.preprocess)
+        target_params = reference_params(s.preprocess, task.shape)
     runs = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in names:
             torch.manual_seed(s.seed)
             c = contenders[name] if contenders is not None else build(
-                name, match=target_params if s.match_params else None, preprocess=s.preprocess)
+                name, match=target_params if s.match_params else None, preprocess=s.preprocess, shape=task.shape)
             runs[name] = _Run(c, splits, s, device)
             for _ in range(warmup):
                 runs[name].train_step()

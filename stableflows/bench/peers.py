@@ -1,7 +1,8 @@
-"""Small adapters that build the models users would pick in other libraries, on the digits task.
+"""Small adapters that build the models users would pick in other libraries, on a benchmark task.
 
-Each builder ``(hidden, preprocess) -> Contender`` wraps one library's own layers in the same
-pipeline as stableflows' models: ``v`` (model-space digits ``(B, 1, 8, 8)``) -> the shared
+Each builder ``(hidden, preprocess, shape=EVENT_SHAPE) -> Contender`` wraps one library's own layers in
+the same pipeline as stableflows' models: ``v`` (model-space images ``(B, *shape)``: digits
+``(1, 8, 8)``, Fashion-MNIST ``(1, 28, 28)``) -> the shared
 :class:`~stableflows.bench.contender.Preprocess` (stableflows' ``Logit(LOGIT_ALPHA)`` = ``Logit(0.01)`` by default, its log-det
 counted) -> the library's flow -> a standard-normal base. Only the library's public classes are used;
 conventions that differ between libraries (PEERS.md) are handled here:
@@ -22,6 +23,7 @@ are matched to a parameter count by the harness (:func:`~stableflows.bench.conte
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Callable
 
 import torch
@@ -39,7 +41,6 @@ N_SPLINE = 3  # NSF transforms (zuko's default)
 COEFF = 0.98  # Lipschitz bound of residual branches (Residual Flows; stableflows' default)
 NORMFLOWS_LIPSCHITZ_ITERS = 50  # power iterations after each step, as in normflows' residual-flow example
 AFFINE_CLAMP = 2.0  # FrEIA's soft clamp of log-scales (its default)
-D = 64  # 1 x 8 x 8
 
 
 def library_available(name: str) -> bool:
@@ -70,21 +71,40 @@ def _mlp(d_in: int, d_out: int, hidden: int) -> nn.Sequential:
 
 
 class _Pipeline(nn.Module):
-    """``pre`` (shared pre-transform) followed by a library's flow ``body``."""
+    """``pre`` (shared pre-transform) followed by a library's flow ``body`` (its input reshaped to
+    ``event``); ``layers`` lists the three for the audit's layer protocol (per-layer localisation)."""
 
-    def __init__(self, pre: Preprocess, body: nn.Module):
+    def __init__(self, pre: Preprocess, body: nn.Module, event: tuple[int, ...] = EVENT_SHAPE,
+                 shape: tuple[int, ...] = EVENT_SHAPE):
         super().__init__()
         self.pre = pre
         self.body = body
+        self.event, self.shape = tuple(event), tuple(shape)
+
+    @property
+    def layers(self) -> list:
+        return [self.pre, _Reshape(self.shape, self.event), self.body]
+
+
+class _Reshape(nn.Module):
+    def __init__(self, shape_in: tuple[int, ...], shape_out: tuple[int, ...]):
+        super().__init__()
+        self.shape_in, self.shape_out = shape_in, shape_out
+
+    def forward(self, v: Tensor) -> Tensor:
+        return v.reshape(v.shape[0], *self.shape_out)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return y.reshape(y.shape[0], *self.shape_in)
 
 
 def _contender(name: str, library: str, family: str, body: nn.Module, preprocess: str, hidden: int, *,
                to_latent: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]],
-               to_data: Callable[[nn.Module, Tensor], Tensor], event: tuple[int, ...],
+               to_data: Callable[[nn.Module, Tensor], Tensor], event: tuple[int, ...], shape: tuple[int, ...],
                description: str, after_step: Callable[[nn.Module], None] | None = None) -> Contender:
     """Assemble a peer contender from ``to_latent(body, y) -> (z, log|det dz/dy|)`` and ``to_data``,
-    where ``y`` is the pre-transformed input reshaped to the library's ``event`` shape."""
-    module = _Pipeline(Preprocess(preprocess), body)
+    where ``y`` is the pre-transformed input ``(B, *shape)`` reshaped to the library's ``event`` shape."""
+    module = _Pipeline(Preprocess(preprocess), body, event, shape)
 
     def latent(m: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
         y, ld_pre = m.pre(v)
@@ -100,7 +120,7 @@ def _contender(name: str, library: str, family: str, body: nn.Module, preprocess
 
     def inverse(m: nn.Module, z: Tensor) -> Tensor:
         y = to_data(m.body, z)
-        return m.pre.inverse(y.reshape(y.shape[0], *EVENT_SHAPE))
+        return m.pre.inverse(y.reshape(y.shape[0], *shape))
 
     step = (lambda m: after_step(m.body)) if after_step is not None else None
     return Contender(name=name, library=library, family=family, module=module, log_prob=log_prob,
@@ -124,24 +144,29 @@ def _normflows_walk(nfm: nn.Module) -> tuple[Callable, Callable]:
     return to_latent, to_data
 
 
-def normflows_glow(hidden: int | None = None, preprocess: str = "logit") -> Contender:
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    c, hh, ww = shape
+    return 4 * c, hh // 2, ww // 2  # after one squeeze: (1, 8, 8) -> (4, 4, 4), (1, 28, 28) -> (4, 14, 14)
+
+
+def normflows_glow(hidden: int | None = None, preprocess: str = "logit", shape=EVENT_SHAPE) -> Contender:
     import normflows as nf
 
     h = hidden or 112
-    c, hh, ww = 4, 4, 4  # after one squeeze of (1, 8, 8)
+    c, hh, ww = _squeezed(shape)
     flows = [nf.flows.GlowBlock(c, h, split_mode="channel", scale=True, scale_map="sigmoid") for _ in range(N_STEPS)]
     flows.append(nf.flows.Squeeze())  # generative order: the squeeze is the last map z -> x
     body = nf.NormalizingFlow(q0=nf.distributions.DiagGaussian((c, hh, ww), trainable=False), flows=flows)
     to_latent, to_data = _normflows_walk(body)
     return _contender("normflows-glow", "normflows", "glow-like", body, preprocess, h, to_latent=to_latent,
-                      to_data=to_data, event=EVENT_SHAPE,
+                      to_data=to_data, event=shape, shape=shape,
                       description=f"squeeze + {N_STEPS} GlowBlock (affine coupling sigmoid, LU 1x1 conv, ActNorm)")
 
 
-def normflows_realnvp(hidden: int | None = None, preprocess: str = "logit") -> Contender:
+def normflows_realnvp(hidden: int | None = None, preprocess: str = "logit", shape=EVENT_SHAPE) -> Contender:
     import normflows as nf
 
-    h = hidden or 128
+    h, D = hidden or 128, math.prod(shape)
     b = (torch.arange(D) % 2).float()
     flows = []
     for k in range(N_STEPS):
@@ -152,14 +177,14 @@ def normflows_realnvp(hidden: int | None = None, preprocess: str = "logit") -> C
     body = nf.NormalizingFlow(q0=nf.distributions.DiagGaussian(D, trainable=False), flows=flows)
     to_latent, to_data = _normflows_walk(body)
     return _contender("normflows-realnvp", "normflows", "realnvp-like", body, preprocess, h, to_latent=to_latent,
-                      to_data=to_data, event=(D,),
+                      to_data=to_data, event=(D,), shape=shape,
                       description=f"{N_STEPS} x [MaskedAffineFlow (MLP s, t), ActNorm] on vectors")
 
 
-def normflows_resflow(hidden: int | None = None, preprocess: str = "logit") -> Contender:
+def normflows_resflow(hidden: int | None = None, preprocess: str = "logit", shape=EVENT_SHAPE) -> Contender:
     import normflows as nf
 
-    h = hidden or 256
+    h, D = hidden or 256, math.prod(shape)
     flows = []
     for _ in range(N_STEPS):
         net = nf.nets.LipschitzMLP([D, h, h, D], init_zeros=True, lipschitz_const=COEFF)
@@ -171,16 +196,16 @@ def normflows_resflow(hidden: int | None = None, preprocess: str = "logit") -> C
         nf.utils.update_lipschitz(m, NORMFLOWS_LIPSCHITZ_ITERS)
 
     return _contender("normflows-resflow", "normflows", "residual", body, preprocess, h, to_latent=to_latent,
-                      to_data=to_data, event=(D,), after_step=after_step,
+                      to_data=to_data, event=(D,), shape=shape, after_step=after_step,
                       description=f"{N_STEPS} x [Residual(LipschitzMLP c={COEFF}), ActNorm] on vectors "
                                   "(the published residual-flow code)")
 
 
 # ----------------------------------------------------------------------------- zuko
-def _zuko(name: str, family: str, make: Callable[[int], nn.Module], default_hidden: int, description: str):
-    def build(hidden: int | None = None, preprocess: str = "logit") -> Contender:
-        h = hidden or default_hidden
-        body = make(h)
+def _zuko(name: str, family: str, make: Callable[[int, int], nn.Module], default_hidden: int, description: str):
+    def build(hidden: int | None = None, preprocess: str = "logit", shape=EVENT_SHAPE) -> Contender:
+        h, D = hidden or default_hidden, math.prod(shape)
+        body = make(D, h)
 
         def to_latent(m, y):
             return m().transform.call_and_ladj(y)
@@ -189,24 +214,24 @@ def _zuko(name: str, family: str, make: Callable[[int], nn.Module], default_hidd
             return m().transform.inv(z)
 
         return _contender(name, "zuko", family, body, preprocess, h, to_latent=to_latent, to_data=to_data,
-                          event=(D,), description=description)
+                          event=(D,), shape=shape, description=description)
 
     return build
 
 
-def _zuko_realnvp(h: int) -> nn.Module:
+def _zuko_realnvp(D: int, h: int) -> nn.Module:
     import zuko
 
     return zuko.flows.RealNVP(D, transforms=N_STEPS, hidden_features=(h, h))
 
 
-def _zuko_maf(h: int) -> nn.Module:
+def _zuko_maf(D: int, h: int) -> nn.Module:
     import zuko
 
     return zuko.flows.MAF(D, transforms=N_AUTOREGRESSIVE, hidden_features=(h, h))
 
 
-def _zuko_nsf(h: int) -> nn.Module:
+def _zuko_nsf(D: int, h: int) -> nn.Module:
     import zuko
 
     return zuko.flows.NSF(D, transforms=N_SPLINE, hidden_features=(h, h))
@@ -214,7 +239,7 @@ def _zuko_nsf(h: int) -> nn.Module:
 
 # ----------------------------------------------------------------------------- FrEIA
 def _freia(name: str, family: str, block: str, default_hidden: int, description: str):
-    def build(hidden: int | None = None, preprocess: str = "logit") -> Contender:
+    def build(hidden: int | None = None, preprocess: str = "logit", shape=EVENT_SHAPE) -> Contender:
         import FrEIA.framework as Ff
         import FrEIA.modules as Fm
 
@@ -223,8 +248,9 @@ def _freia(name: str, family: str, block: str, default_hidden: int, description:
         def subnet(c_in: int, c_out: int) -> nn.Module:
             return _conv_net(c_in, c_out, h)
 
-        inn = Ff.SequenceINN(*EVENT_SHAPE)
+        inn = Ff.SequenceINN(*shape)
         inn.append(Fm.IRevNetDownsampling)  # (1, 8, 8) -> (4, 4, 4)
+        squeezed = _squeezed(shape)
         for k in range(N_STEPS):
             if block == "glow":
                 inn.append(Fm.ActNorm)
@@ -239,16 +265,16 @@ def _freia(name: str, family: str, block: str, default_hidden: int, description:
             return z, ljd
 
         def to_data(m, z):
-            return m(z.reshape(z.shape[0], 4, 4, 4), rev=True)[0]
+            return m(z.reshape(z.shape[0], *squeezed), rev=True)[0]
 
         return _contender(name, "FrEIA", family, inn, preprocess, h, to_latent=to_latent, to_data=to_data,
-                          event=EVENT_SHAPE, description=description)
+                          event=shape, shape=shape, description=description)
 
     return build
 
 
 # ----------------------------------------------------------------------------- nflows
-def nflows_realnvp(hidden: int | None = None, preprocess: str = "logit") -> Contender:
+def nflows_realnvp(hidden: int | None = None, preprocess: str = "logit", shape=EVENT_SHAPE) -> Contender:
     from nflows.distributions.normal import StandardNormal
     from nflows.flows.base import Flow
     from nflows.nn.nets import ResidualNet
@@ -256,7 +282,7 @@ def nflows_realnvp(hidden: int | None = None, preprocess: str = "logit") -> Cont
     from nflows.transforms.coupling import AffineCouplingTransform
     from nflows.transforms.normalization import ActNorm
 
-    h = hidden or 96
+    h, D = hidden or 96, math.prod(shape)
     layers = []
     for k in range(N_STEPS):
         mask = (torch.arange(D) + k) % 2  # alternate which half is transformed
@@ -271,7 +297,7 @@ def nflows_realnvp(hidden: int | None = None, preprocess: str = "logit") -> Cont
         return m._transform.inverse(z)[0]
 
     return _contender("nflows-realnvp", "nflows", "realnvp-like", body, preprocess, h, to_latent=to_latent,
-                      to_data=to_data, event=(D,),
+                      to_data=to_data, event=(D,), shape=shape,
                       description=f"{N_STEPS} x [ActNorm, AffineCouplingTransform (ResidualNet)] on vectors")
 
 

@@ -116,13 +116,14 @@ def paired_names(results: list[dict]) -> list[str]:
 def run_session(names: Sequence[str], settings: BenchSettings, out_dir: str | Path = "runs/bench", *,
                 log: Callable[[str], None] = print) -> tuple[dict[str, Any], Path]:
     """Benchmark ``names`` one process each; returns ``(report dict, directory written)``."""
+    from .contender import TASKS
     from .flops import matmul_rate
     from .models import reference_params
 
     import torch
 
     torch.set_num_threads(settings.threads)
-    target = reference_params(settings.preprocess) if settings.match_params else None
+    target = reference_params(settings.preprocess, TASKS[settings.data].shape) if settings.match_params else None
     started = _dt.datetime.now(_dt.timezone.utc)
     session = {"started_utc": started.isoformat(timespec="seconds"), "machine": machine_info(),
                "libraries": library_versions(), "settings": dataclasses.asdict(settings),
@@ -166,6 +167,13 @@ def _paired_line(p: dict) -> str:
     if "error" in p:
         return f"failed: {p['error']}"
     return "; ".join(f"{m['name']} {_fmt(m['ms_per_step'], '.1f')} ms/step" for m in p["models"])
+
+
+def _task_line(data: str) -> str:
+    from .contender import get_task
+
+    t = get_task(data)
+    return f"{t.data} ({t.shape[-2]}x{t.shape[-1]}, {t.levels} levels)"
 
 
 def _fmt(v, spec: str = ".3g") -> str:
@@ -233,7 +241,7 @@ def markdown(session: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}"
         + (f", GPU {m['cuda']}" if m.get("cuda") else "") + (f", load average at start {m['load_average']}"
                                                              if m.get("load_average") else ""),
-        f"Task: digits (8x8, 17 levels), batch {s['batch_size']}, {s['threads']} threads, {s['budget']:g} s of "
+        f"Task: {_task_line(s.get('data', 'digits'))}, batch {s['batch_size']}, {s['threads']} threads, {s['budget']:g} s of "
         f"training per model, pre-transform `{s['preprocess']}`, parameters matched to "
         f"{session.get('target_params') or 'nothing (own widths)'}, device {s['device']}.",
         f"Libraries: {', '.join(f'{k} {v}' for k, v in session['libraries'].items() if v)}.",

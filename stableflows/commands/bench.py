@@ -1,4 +1,4 @@
-"""Benchmark stableflows against other flow libraries on the digits task (one process per model).
+"""Benchmark stableflows against other flow libraries on the digits task or Fashion-MNIST (one process per model).
 
 Every model trains with the same recipe (batch 64, AdamW 1e-3, warm-up, clipping, EMA, validation
 selection) for a fixed wall-clock budget, then is measured: parameters, steps/s, test bits/dim
@@ -11,13 +11,14 @@ Glow speed target). Peer libraries (normflows, zuko, FrEIA, nflows) are included
 Examples:
   stableflows bench                                    # every available model, 120 s each
   stableflows bench --budget 10 --models stableflows-glow,zuko-nsf
+  stableflows bench --data fashion-mnist --budget 600     # 28x28, Debian's dataset-fashion-mnist files
   stableflows bench --list
 """
 from __future__ import annotations
 
 import argparse
 
-from ..bench.contender import LOGIT_ALPHA
+from ..bench.contender import LOGIT_ALPHA, TASKS
 
 NAME = "bench"
 HELP = "benchmark stableflows' flows against normflows / zuko / FrEIA / nflows (JSON + Markdown table)"
@@ -30,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="all", metavar="NAMES",
                         help="comma-separated model names (see --list), or 'all' (default)")
     parser.add_argument("--list", action="store_true", help="list the available models and exit")
+    parser.add_argument("--data", default=d.data, choices=sorted(TASKS) + ["fmnist"],
+                        help="the task: digits (8x8, 17 levels; embedded) or fashion-mnist (28x28, 256 levels; "
+                             f"local files, see `make data`) (default: {d.data})")
     parser.add_argument("--budget", type=float, default=d.budget, metavar="SECONDS",
                         help=f"seconds of training per model (default: {d.budget:g})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings(budget=args.budget, batch_size=args.batch_size, threads=args.threads,
                              eval_every=args.eval_every, seed=args.seed, preprocess=args.preprocess,
                              match_params=args.match_params, device=args.device, flops=args.flops,
-                             paired_rounds=args.paired_rounds)
+                             paired_rounds=args.paired_rounds, data=args.data)
     args._started = True
     session, where = run_session(names, settings, args.out_dir)
     print(f"report: {where}/bench.md (and {args.out_dir}/latest.md)")

@@ -1,10 +1,12 @@
 """Evaluate the selected weights of a run on its test split (or validation split).
 
-The metric is bits/dim with the fixed dequantisation noise of seed 0 (DESIGN.md) for discrete data,
+The metric is bits/dim with the fixed dequantisation noise of seed 0 (docs/METRICS.md) for discrete data,
 mean negative log-likelihood in nats for continuous data; for a run trained with the classification
 or hybrid objective, the classification error, accuracy, cross-entropy and bits/dim. Given a run directory, best.pt (the
 validation-selected EMA weights) is used; given a checkpoint file, that file (EMA weights of a
-last.pt). The result is printed and written to eval.json next to the checkpoint (or --out).
+last.pt). The result is printed and written next to the checkpoint as
+eval-<checkpoint>-step<N>-<split>.json (e.g. eval-best-step400-test.json), so reports of different
+checkpoints or splits never overwrite each other; an existing --out FILE is refused unless --overwrite.
 
 Examples:
   stableflows eval runs/demo
@@ -32,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=512, metavar="N",
                         help="examples per forward pass; does not change the result (default: 512)")
     parser.add_argument("--out", default=None, metavar="FILE.json",
-                        help="where to write the result (default: eval.json next to the checkpoint)")
+                        help="where to write the result (default: eval-<checkpoint>-step<N>-<split>.json next to "
+                             "the checkpoint)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out FILE")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise ConfigError(f"--out {args.out} exists: pass --overwrite to replace it, or choose another file")
     device = resolve_device(args.device)
     path = resolve_checkpoint(args.run)
     flow, ckpt = load_flow(path, map_location=device)
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         m = metric_name(splits.levels)
     result = {"checkpoint": str(path), "split": args.split, "metric": m, m: value, **extra, "n": int(x.shape[0]),
               "step": ckpt.get("step"), "data": splits.name, "eval_seed": EVAL_SEED}
-    out = Path(args.out) if args.out else path.parent / "eval.json"
+    out = Path(args.out) if args.out else path.parent / f"eval-{path.stem}-step{ckpt.get('step')}-{args.split}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     more = "".join(f", {k} {v:.4f}" for k, v in extra.items())
     print(f"{args.split} {m}: {value:.4f}{more} ({path}, step {ckpt.get('step')}, {x.shape[0]} examples, "

@@ -22,7 +22,7 @@ __all__ = ["SECTIONS", "HELP", "flag_for", "add_config_arguments", "config_from_
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 FLAG_OVERRIDES = {("data", "name"): "data"}  # (section, field) -> flag name without dashes
 NONE_WORDS = ("none", "null")
-RESERVED_FLAGS = ("config", "resume", "help")  # flags of the commands themselves
+RESERVED_FLAGS = ("config", "resume", "overwrite", "help")  # flags of the commands themselves
 METAVARS = {"model.model": "NAME", "data.name": "NAME", "data.data_dir": "DIR", "train.out_dir": "DIR",
             "train.device": "DEVICE", "train.time_budget": "SECONDS",
             "train.objective": "KIND", "model.head": "KIND", "model.block": "KIND"}
@@ -30,12 +30,16 @@ METAVARS = {"model.model": "NAME", "data.name": "NAME", "data.data_dir": "DIR", 
 # One help string per config field ("section.field"); tests check it is complete.
 HELP: dict[str, str] = {
     # model
-    "model.model": "model family: glow | realnvp | nice | cv_glow (constant-volume Glow) | resflow | iresnet",
+    "model.model": "model family: glow | realnvp | nice | cv_glow (constant-volume Glow) | resflow | iresnet | "
+                   "classifier (invertible classifier, --objective classification) | hybrid (flow + classifier "
+                   "head, --objective hybrid)",
     "model.hidden": "hidden width (channels of CNN conditioners, units of MLP conditioners / residual blocks)",
     "model.levels": "multi-scale levels of image flows (squeeze -> steps -> split per level)",
     "model.steps_per_level": "flow steps (or residual blocks) per level",
     "model.coupling": "coupling layer: affine (scale and shift) | additive (shift only, volume preserving) | "
-                      "spline (monotone rational-quadratic spline on [-5, 5], 8 bins, identity outside)",
+                      "spline (monotone rational-quadratic spline on [-5, 5], 8 bins, identity outside) | "
+                      "default (the model's own: affine for glow / hybrid; additive for classifier: Lip(F) and "
+                      "Lip(F^-1) of additive blocks have global bounds, of affine blocks only local ones, poster 001)",
     "model.scale": "scale parameterisation of affine coupling: exp | sigmoid (Glow's sigma(s+2)) | "
                    "biased_sigmoid (sigma(s)+eps) | bounded (a+(b-a)sigma(s)) | tanh_clamp | atan_clamp (soft-clamped exp)",
     "model.permutation": "channel mixing between couplings: lu (LU-decomposed 1x1 conv / linear) | conv1x1 "
@@ -44,19 +48,35 @@ HELP: dict[str, str] = {
     "model.logit_alpha": "logit pre-transform y = logit(alpha + (1 - 2 alpha) v) of the dequantised data v in [0, 1); "
                          "its log-det counts in bits/dim; 0 disables it",
     "model.split_prior": "use Glow's learned conditional Gaussian prior for the channels factored out at each split",
-    "model.actnorm": "put an ActNorm layer (data-dependent initialisation) at the start of every flow step",
-    "model.coeff": "residual flows: Lipschitz coefficient c < 1 enforced on each residual branch by spectral normalisation",
-    "model.activation": "residual flows: Lipschitz-1 activation lipswish | elu | softplus",
+    "model.base": "base distribution p_Z of flows: normal (N(0, I)) | diag_normal (Gaussian with learned mean and "
+                  "scale per latent entry) | mixture (--base-components Gaussians, learned weights, means and scales)",
+    "model.base_components": "number of Gaussians of --base mixture",
+    "model.actnorm": "put an ActNorm layer (data-dependent initialisation) at the start of every flow step; "
+                     "not given: on, except residual flows on 2-D toys (their blocks then see the data's own scale)",
+    "model.split_condition": "glow: which half of the last coupling before each split is its conditioner input: "
+                             "kept (the half that continues, Glow's code) | factored (the factored-out half, "
+                             "Daniels 2019 Fig. 2: the noise feeds the next coupling's conditioner when sampling)",
+    "model.split_shuffle": "glow: a fixed random channel permutation between each level's last coupling and its "
+                           "split (Daniels' randomized splits)",
+    "model.scale_floor": "glow / realnvp: lower bound of the scale: eps of biased_sigmoid (default 0.5), a of bounded "
+                         "(default 0.5); not given: the default",
+    "model.coeff": "residual flows: Lipschitz coefficient c < 1 enforced on each residual branch by spectral "
+                   "normalisation; not given: 0.98 (resflow, hybrid), 0.9 (iresnet)",
+    "model.activation": "residual flows: Lipschitz-1 activation lipswish | elu | softplus; not given: lipswish "
+                        "(resflow, hybrid), elu (iresnet)",
     "model.estimator": "residual flows: log-det estimator exact (brute force, small D) | series (truncated "
-                       "power series, i-ResNet) | roulette (unbiased Russian roulette, Residual Flows)",
+                       "power series, i-ResNet) | roulette (unbiased Russian roulette, Residual Flows); "
+                       "not given: roulette (resflow, hybrid), series (iresnet)",
     "model.n_exact_terms": "residual flows: power-series terms always computed before the Russian roulette",
     "model.n_series_terms": "residual flows: terms of the truncated log-det power series (i-ResNet)",
-    "model.n_power_iter": "residual flows: power iterations per spectral-norm update",
+    "model.n_power_iter": "residual flows: minimum power iterations per spectral-norm update (continued adaptively); "
+                          "not given: 1 (resflow, iresnet), 5 (hybrid)",
     "model.neumann_grad": "residual flows: estimate the log-det gradient with the Neumann series (saves memory)",
     "model.grad_in_forward": "residual flows: compute the log-det gradient during the forward pass (saves memory)",
     "model.fc_blocks": "residual flows: fully connected residual blocks appended after the convolutional ones",
     "model.factor_out": "residual flows: factor out half the channels at each level (multi-scale)",
-    "model.norm": "residual flows: normalisation of weights: spectral (2-norm) | inf (induced infinity-norm)",
+    "model.norm": "residual flows: normalisation of weights: spectral (2-norm) | inf (induced infinity-norm) | "
+                  "one (induced 1-norm) | mixed (induced mixed p->q norms with learned orders in (1.5, 2.5), vectors)",
     "model.n_classes": "classifier / hybrid: number of classes of the head",
     "model.head": "classifier / hybrid: head on the latent: linear | mlp | bn_relu (flatten, BatchNorm, ReLU, "
                   "linear) | conv (3x3 conv, ReLU, global average pool, linear)",
@@ -99,10 +119,15 @@ HELP: dict[str, str] = {
     "train.ema_decay": "decay of the exponential moving average of the weights used for evaluation (0 disables)",
     "train.eval_every": "steps between validation evaluations (and checkpoints); also evaluated at the end",
     "train.seed": "random seed of initialisation, batch order, dequantisation noise and the validation split",
-    "train.out_dir": "directory for metrics.jsonl, metrics.json, best.pt, last.pt, samples.png and curve.png",
+    "train.out_dir": "run directory for config.yaml, metrics.jsonl, metrics.json, best.pt, last.pt, samples.png and "
+                     "curve.png; none = a new runs/<model>-<data>-<UTC time>; one holding a run is refused "
+                     "without --resume or --overwrite",
     "train.device": "auto (CUDA when available) | cpu | cuda | cuda:N",
     "train.threads": "CPU threads of PyTorch (torch.set_num_threads); none = PyTorch's default",
-    "train.progress": "show a progress bar with the live training bits/dim (off when stderr is not a terminal)",
+    "train.progress": "a progress bar when stderr is a terminal (its total is the step at which --steps or "
+                      "--time-budget stops the run), one line every --log-every seconds when stdout is not",
+    "train.log_every": "seconds between progress lines (step, loss, bits/dim, steps/s, ETA) when stdout is not a "
+                       "terminal",
     "train.compile": "torch.compile the model (log_prob, forward, inverse) after its initialisation; the first "
                      "steps compile (minutes on a CPU), later ones run the compiled code",
     "train.objective": "likelihood (bits/dim of a flow) | classification (cross-entropy of a classifier, "
@@ -115,6 +140,8 @@ HELP: dict[str, str] = {
                         "||F^-1(z + eps d) - F^-1(z)||^2 / eps^2 at z = F(x); 0 disables",
     "train.fd_eps": "finite-difference step eps of --fd-forward / --fd-inverse",
     "train.fd_every": "apply the finite-difference penalties every k-th step",
+    "train.fd_mode": "fd (finite differences; a row that explodes at the moved point enters through log1p of its "
+                     "penalty at a halved step) | jvp (the exact ||J d||^2 by double backward, stored activations)",
     "train.nf_weight": "classification: weight of the normalizing-flow objective (bits/dim, nats/dim on "
                        "continuous data) as a regulariser; 0 disables",
     "train.angle_every": "memory saving: every k steps also compute the stored-activation gradient and log the "
@@ -209,14 +236,23 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
     return cfg
 
 
-def stored_config(out_dir: str | Path) -> RunConfig | None:
+def stored_config(out_dir: str | Path) -> RunConfig:
     """The config stored in ``out_dir/last.pt`` (for ``train --resume`` without ``--config``)."""
-    from ..train.checkpoint import load_checkpoint
+    import warnings
+
+    from ..train.checkpoint import CheckpointError, load_checkpoint
+    from ..train.loop import RunNote, no_checkpoint_message
+    from ..train.rundir import recover
 
     path = Path(out_dir) / "last.pt"
-    if not path.is_file():
-        return None
+    for note in recover(out_dir):
+        warnings.warn(note, RunNote, stacklevel=2)
+    if not path.exists():
+        raise CheckpointError(no_checkpoint_message(Path(out_dir)), path)
+    stored = load_checkpoint(path).get("config")
+    if not isinstance(stored, dict):
+        raise CheckpointError("checkpoint stores no config", path)
     try:
-        return RunConfig.from_dict(load_checkpoint(path)["config"])
-    except KeyError as e:
-        raise ConfigError(f"checkpoint {path} stores no config") from e
+        return RunConfig.from_dict(stored)
+    except ConfigError as e:
+        raise CheckpointError(f"the stored config is unreadable: {e}", path) from e

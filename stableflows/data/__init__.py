@@ -2,7 +2,7 @@
 
 ``load_dataset(DataConfig, seed) -> Splits`` (:mod:`.registry`) covers the embedded digits
 (default), generated 2-D toys (:mod:`.toys`) and local-file MNIST / Fashion-MNIST / CIFAR-10 /
-SVHN (:mod:`.files`; never downloaded). :func:`ood_family` builds the OOD inputs of DESIGN.md
+SVHN (:mod:`.files`; never downloaded). :func:`ood_family` builds the OOD inputs of docs/METRICS.md
 (:mod:`.ood`).
 
 >>> from stableflows.config import DataConfig

@@ -1,6 +1,6 @@
 """UCI optical digits, embedded in scikit-learn (no download): 1797 images 8x8, levels 0..16.
 
-The train/test split is fixed (DESIGN.md)::
+The train/test split is fixed (docs/METRICS.md)::
 
     train_test_split(X, y, test_size=360, random_state=0, stratify=y)   # 1437 train, 360 test
 

@@ -1,7 +1,8 @@
 """Readers of local dataset files in their standard formats. Nothing is ever downloaded.
 
 Each dataset's files are taken from the first of its folders that holds all of them
-(``DIR`` is ``DataConfig.data_dir``; ``DIR`` itself is searched last):
+(``DIR`` is ``DataConfig.data_dir``, then the environment variables and a system package's folder
+of :mod:`.locate`; ``DIR`` itself is searched last):
 
 - ``mnist``: ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
   ``t10k-labels-idx1-ubyte``, each optionally ``.gz``; in ``DIR/mnist``, ``DIR/MNIST/raw``, ``DIR``.
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetFormatError, DatasetNotFound, UnsafePickleError
+from .locate import locate
 from .safe_pickle import restricted_load
 from .splits import RawData
 
@@ -56,33 +58,13 @@ GZ_OK = {"mnist": True, "fashion-mnist": True, "cifar10": False, "svhn": False}
 
 
 # ----------------------------------------------------------------------------- finding files
-def _candidates(directory: Path, name: str, gz: bool) -> list[Path]:
-    return [directory / name] + ([directory / (name + ".gz")] if gz else [])
-
-
 def find_files(dataset: str, data_dir: str | Path | None, names: tuple[str, ...]) -> dict[str, Path]:
-    """Paths of ``names`` in the first folder of :data:`SUBDIRS` that holds all of them.
-
-    Raises :class:`DatasetNotFound` naming every expected file, the folders searched and what
-    each lacks.
+    """Paths of ``names`` in the first folder that holds all of them: ``data_dir``, the environment
+    variables, then a system package's folder, each with the sub-folders of :data:`SUBDIRS`
+    (:func:`~.locate.locate`). Raises :class:`DatasetNotFound` naming every expected file, the
+    folders searched, what each lacks and how to get the files.
     """
-    gz = GZ_OK[dataset]
-    expected = ", ".join(names) + (" (each optionally .gz)" if gz else "")
-    hint = "stableflows never downloads data: place the files there and pass their folder as data_dir (--data-dir)."
-    if data_dir is None:
-        raise DatasetNotFound(f"{dataset}: no data_dir given; expected the files {expected}. {hint}")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise DatasetNotFound(f"{dataset}: data_dir {root} does not exist or is not a folder; expected the files {expected}. {hint}")
-    missing_by_dir = []
-    for sub in SUBDIRS[dataset]:
-        d = (root / sub) if sub != "." else root
-        found = {n: next((p for p in _candidates(d, n, gz) if p.is_file()), None) for n in names}
-        if all(found.values()):
-            return found  # type: ignore[return-value]
-        lacks = ", ".join(n for n, p in found.items() if p is None)
-        missing_by_dir.append(f"{d} lacks {lacks}" if d.is_dir() else f"{d} (no such folder)")
-    raise DatasetNotFound(f"{dataset}: expected the files {expected} in one folder; searched: {'; '.join(missing_by_dir)}. {hint}")
+    return locate(dataset, data_dir, names, subdirs=SUBDIRS[dataset], gz=GZ_OK[dataset])
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -97,29 +79,58 @@ def _read_bytes(path: Path) -> bytes:
 
 
 # ----------------------------------------------------------------------------- IDX
+DEFLATE_MAX_RATIO = 1032  # deflate expands at most ~1032:1 (a 258-byte match per 2 bits), RFC 1951
+GZ_SLACK = 1 << 16  # bytes allowed beyond that bound (headers, tiny files)
+
+
+def _read_exact(f, n: int, path: Path, what: str) -> bytes:
+    b = f.read(n)
+    if len(b) < n:
+        raise DatasetFormatError(f"{path}: truncated IDX {what} ({len(b)} bytes, need {n})")
+    return b
+
+
 def read_idx(path: str | Path) -> np.ndarray:
-    """The array stored in an IDX file (optionally gzipped), checking the magic number and size."""
+    """The array stored in an IDX file (optionally gzipped), checking the magic number and size.
+
+    The header is read first; the data size it claims must fit the file (plain: exactly the bytes
+    after the header; gzip: at most ``DEFLATE_MAX_RATIO`` times the compressed size), and at most
+    that many bytes plus one are ever inflated, so a decompression bomb costs no more memory than
+    the array its header announces.
+    """
     path = Path(path)
-    buf = _read_bytes(path)
-    if len(buf) < 4:
-        raise DatasetFormatError(f"{path}: not an IDX file (only {len(buf)} bytes)")
-    zero, code, ndim = struct.unpack(">HBB", buf[:4])
-    if zero != 0 or code not in IDX_DTYPES or ndim == 0:
-        raise DatasetFormatError(
-            f"{path}: bad IDX magic number 0x{buf[:4].hex()} (expected 0x0000 then a type byte in "
-            f"{[hex(c) for c in IDX_DTYPES]} and a nonzero number of dimensions)"
-        )
-    header = 4 + 4 * ndim
-    if len(buf) < header:
-        raise DatasetFormatError(f"{path}: truncated IDX header ({len(buf)} bytes, need {header})")
-    dims = struct.unpack(f">{ndim}I", buf[4:header])
-    dtype = np.dtype(IDX_DTYPES[code])
-    need = math.prod(dims) * dtype.itemsize
-    have = len(buf) - header
-    if have != need:
-        what = "truncated" if have < need else "has trailing bytes"
-        raise DatasetFormatError(f"{path}: {what}: dims {dims} need {need} data bytes, found {have}")
-    return np.frombuffer(buf, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    gz = path.suffix == ".gz"
+    try:
+        size = path.stat().st_size
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            magic = f.read(4)
+            if len(magic) < 4:
+                raise DatasetFormatError(f"{path}: not an IDX file (only {len(magic)} bytes)")
+            zero, code, ndim = struct.unpack(">HBB", magic)
+            if zero != 0 or code not in IDX_DTYPES or ndim == 0:
+                raise DatasetFormatError(
+                    f"{path}: bad IDX magic number 0x{magic.hex()} (expected 0x0000 then a type byte in "
+                    f"{[hex(c) for c in IDX_DTYPES]} and a nonzero number of dimensions)"
+                )
+            header = 4 + 4 * ndim
+            dims = struct.unpack(f">{ndim}I", _read_exact(f, 4 * ndim, path, "header"))
+            dtype = np.dtype(IDX_DTYPES[code])
+            need = math.prod(dims) * dtype.itemsize
+            if gz and need > DEFLATE_MAX_RATIO * size + GZ_SLACK:
+                raise DatasetFormatError(f"{path}: the IDX header claims dims {dims} ({need} data bytes), more than "
+                                         f"a {size}-byte gzip file can hold")
+            if not gz and need > size - header:
+                raise DatasetFormatError(f"{path}: truncated: dims {dims} need {need} data bytes, "
+                                         f"found {size - header}")
+            data = f.read(need + 1)  # one byte more reveals trailing data without inflating them all
+    except DatasetFormatError:
+        raise
+    except (OSError, EOFError, zlib.error, ValueError, OverflowError, MemoryError) as e:
+        raise DatasetFormatError(f"cannot read {path}: corrupt or truncated ({type(e).__name__}: {e})") from e
+    if len(data) != need:
+        what, found = ("truncated", f"found {len(data)}") if len(data) < need else ("has trailing bytes", "found more")
+        raise DatasetFormatError(f"{path}: {what}: dims {dims} need {need} data bytes, {found}")
+    return np.frombuffer(data, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 def _idx_images(path: Path) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Out-of-distribution input families (DESIGN.md), in model space and on the level grid.
+"""Out-of-distribution input families (docs/METRICS.md), in model space and on the level grid.
 
 Model space is where a flow's inputs live: discrete data with ``L`` levels are dequantised to
 ``v = (x + u) / L`` in ``[0, 1)`` (:func:`stableflows.metrics.dequantize`). Given model-space
@@ -21,8 +21,24 @@ also exist on the level grid, :data:`DISCRETE_FAMILIES`):
   (BT.601 grayscale for one channel, RGB for three), quantised to ``L`` levels (256 without
   levels), at cell centres ``(x + 1/2) / L``.
 
-Families derived from the reference (grayed, inverted, out_of_range) map ``reference[i]`` to
-output ``i``, so ``n <= len(reference)``. :func:`discrete_ood_family` gives the integer-level
+Two more families, :data:`EXTRA_FAMILIES` (named only, never in the defaults above), both [d]:
+
+- ``grayed_mid``: graying as Nalisnick et al. 2019 (paper 004, Fig. 6b) define it, toward the mid
+  level: levels ``round(c + factor (x - c))``, ``c = L // 2`` (128 of 256), factor 0.5, rounded half
+  to even and clamped; in model space the reference's levels ``floor(v L)`` are grayed and keep
+  their own dequantisation noise ``v L - floor(v L)``.
+- ``digits28``: scikit-learn's 1,797 digits (8x8, 0..16) upscaled to MNIST's layout, 28x28 event
+  shapes only: each digit's ink bounding box is resized (bilinear) so its longer side is 20 pixels,
+  aspect ratio kept, and placed in a 28x28 field with its centre of mass moved to the field's
+  centre (13.5, 13.5) by a whole-pixel shift, as MNIST was made (LeCun et al.); values ``g/16`` on
+  ``[0, 1]`` become levels ``round(g (L - 1) / 16)`` (0 = background, as MNIST / Fashion-MNIST).
+  NOT MNIST: a finite set, ``min(n, 1797)`` distinct digits in an order drawn with ``seed``.
+
+:data:`COMPANION_28` is the companion set of 28x28 data (Fashion-MNIST, MNIST), needing no download:
+``constant, uniform, grayed_mid, inverted, natural_patches, digits28``.
+
+Families derived from the reference (grayed, grayed_mid, inverted, out_of_range) map ``reference[i]``
+to output ``i``, so ``n <= len(reference)``. :func:`discrete_ood_family` gives the integer-level
 versions from an integer reference: uniform levels, constant levels ``round(linspace(0, L-1, n))``,
 ``round(m + factor (x - m))`` (a fixed ``center`` is the level ``center L - 1/2``), ``L - 1 - x``,
 quantised patches. ``constant`` and ``natural_patches`` in model space are exactly
@@ -49,13 +65,16 @@ from ..config import ConfigError
 from ..metrics import dequantize
 from ..transforms.base import ShapeError
 
-__all__ = ["OOD_FAMILIES", "DISCRETE_FAMILIES", "ood_family", "discrete_ood_family", "cell_centres", "natural_patches"]
+__all__ = ["OOD_FAMILIES", "DISCRETE_FAMILIES", "EXTRA_FAMILIES", "COMPANION_28", "FAMILY_DESCRIPTIONS", "ood_family",
+           "discrete_ood_family", "cell_centres", "natural_patches", "digits_mnist_layout"]
 
 GAUSSIAN_MEAN, GAUSSIAN_STD = 0.5, 0.25
 GRAY_FACTOR = 0.5
 OUT_OF_RANGE_SCALE, OUT_OF_RANGE_CENTER = 2.0, 0.5
 NATIVE_LEVELS = 256  # the sample images are 8-bit
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 grayscale weights
+MNIST_FIELD, MNIST_BOX = 28, 20  # MNIST: digits fit a 20x20 box, centred by mass in a 28x28 field
+DIGITS_MAX = 16  # scikit-learn digits: values 0..16
 
 
 def cell_centres(x: Tensor, levels: int) -> Tensor:
@@ -116,6 +135,49 @@ def _image_shape(event: tuple[int, ...], image_shape: tuple[int, ...] | None) ->
     raise ShapeError(f"cannot cut image patches for event shape {event}; pass image_shape=(C, H, W)")
 
 
+# ----------------------------------------------------------------------------- digits in MNIST's layout
+def _mnist_layout(g: np.ndarray) -> np.ndarray:
+    """One digit ``g`` (8x8 in [0, 1]) in MNIST's layout: ink box resized to a longer side of 20,
+    centre of mass shifted (whole pixels) to the centre of a 28x28 field. ``(28, 28)`` in [0, 1]."""
+    rows, cols = np.nonzero(g.any(1))[0], np.nonzero(g.any(0))[0]
+    crop = g[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # (h, w) ink bounding box
+    h, w = crop.shape
+    size = (max(1, round(h * MNIST_BOX / max(h, w))), max(1, round(w * MNIST_BOX / max(h, w))))
+    big = torch.nn.functional.interpolate(torch.from_numpy(crop)[None, None], size=size, mode="bilinear",
+                                          align_corners=False)[0, 0].clamp(0, 1).numpy()  # (H, W), H or W = 20
+    mass = big.sum()
+    com = ((big.sum(1) * np.arange(size[0])).sum() / mass, (big.sum(0) * np.arange(size[1])).sum() / mass)
+    centre = (MNIST_FIELD - 1) / 2  # 13.5: the field's centre in pixel-centre coordinates
+    top = int(np.clip(round(centre - com[0]), 0, MNIST_FIELD - size[0]))  # the box always fits the field
+    left = int(np.clip(round(centre - com[1]), 0, MNIST_FIELD - size[1]))
+    out = np.zeros((MNIST_FIELD, MNIST_FIELD))
+    out[top:top + size[0], left:left + size[1]] = big
+    return out
+
+
+@lru_cache(maxsize=4)
+def digits_mnist_layout(levels: int = NATIVE_LEVELS) -> np.ndarray:
+    """scikit-learn's 1,797 digits in MNIST's layout, ``(1797, 28, 28)`` integer levels ``0..levels-1``
+    (see ``digits28`` in the module doc). Cached: treat the array as read-only."""
+    from sklearn.datasets import load_digits
+
+    g = load_digits().images / DIGITS_MAX  # (1797, 8, 8) in [0, 1]
+    out = np.rint(np.stack([_mnist_layout(d) for d in g]) * (levels - 1))
+    out.setflags(write=False)
+    return out
+
+
+def _digits28(n: int, event: tuple[int, ...], seed: int, levels: int, image_shape) -> Tensor:
+    C, H, W = _image_shape(event, image_shape)
+    if (H, W) != (MNIST_FIELD, MNIST_FIELD):
+        raise ShapeError(f"digits28 is scikit-learn's digits in MNIST's 28x28 layout; the event shape {event} is "
+                         f"{H}x{W}")
+    pool = digits_mnist_layout(levels)
+    idx = np.random.default_rng(seed).permutation(len(pool))[:n]  # at most 1797 distinct digits
+    x = np.repeat(pool[idx][:, None], C, axis=1)  # (m, C, 28, 28)
+    return torch.from_numpy(x.copy()).reshape(len(idx), *event)
+
+
 # ----------------------------------------------------------------------------- families
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
@@ -167,6 +229,20 @@ def _m_out_of_range(ref, n, event, seed, levels, *, scale: float = OUT_OF_RANGE_
     return center + scale * (_derived(ref, n, "out_of_range") - center)
 
 
+def _m_grayed_mid(ref, n, event, seed, levels, *, factor: float = GRAY_FACTOR):
+    _check_factor(factor)
+    v = _derived(ref, n, "grayed_mid")
+    if levels is None:
+        return 0.5 + factor * (v - 0.5)
+    x = torch.floor(v * levels).clamp(0, levels - 1)  # the reference's levels and its own noise u = vL - x
+    return (_gray_mid(x, levels, factor) + (v * levels - x)) / levels
+
+
+def _m_digits28(ref, n, event, seed, levels, *, image_shape=None):
+    L = NATIVE_LEVELS if levels is None else levels
+    return cell_centres(_digits28(n, event, seed, L, image_shape).double(), L)
+
+
 def _m_natural_patches(ref, n, event, seed, levels, *, image_shape=None, downscale: int = 1):
     L = NATIVE_LEVELS if levels is None else levels
     return cell_centres(_d_natural_patches(ref, n, event, seed, L, image_shape=image_shape, downscale=downscale), L)
@@ -189,6 +265,20 @@ def _d_grayed(ref, n, event, seed, levels, *, factor: float = GRAY_FACTOR, cente
     return torch.round(m + factor * (x - m)).clamp(0, levels - 1)
 
 
+def _gray_mid(x: Tensor, levels: int, factor: float) -> Tensor:
+    c = float(levels // 2)  # 128 of 256 (paper 004: "pixel values closer to 128")
+    return torch.round(c + factor * (x - c)).clamp(0, levels - 1)
+
+
+def _d_grayed_mid(ref, n, event, seed, levels, *, factor: float = GRAY_FACTOR):
+    _check_factor(factor)
+    return _gray_mid(_derived(ref, n, "grayed_mid"), levels, factor)
+
+
+def _d_digits28(ref, n, event, seed, levels, *, image_shape=None):
+    return _digits28(n, event, seed, levels, image_shape).double()
+
+
 def _d_inverted(ref, n, event, seed, levels):
     return (levels - 1.0) - _derived(ref, n, "inverted")
 
@@ -207,6 +297,7 @@ _MODEL: dict[str, Callable[..., Tensor]] = {
     "out_of_range": _m_out_of_range,
     "natural_patches": _m_natural_patches,
 }
+_M_EXTRA: dict[str, Callable[..., Tensor]] = {"grayed_mid": _m_grayed_mid, "digits28": _m_digits28}
 _DISCRETE: dict[str, Callable[..., Tensor]] = {
     "uniform": _d_uniform,
     "constant": _d_constant,
@@ -214,8 +305,18 @@ _DISCRETE: dict[str, Callable[..., Tensor]] = {
     "inverted": _d_inverted,
     "natural_patches": _d_natural_patches,
 }
-OOD_FAMILIES: tuple[str, ...] = tuple(_MODEL)
+_D_EXTRA: dict[str, Callable[..., Tensor]] = {"grayed_mid": _d_grayed_mid, "digits28": _d_digits28}
+OOD_FAMILIES: tuple[str, ...] = tuple(_MODEL)  # the defaults: every event shape
 DISCRETE_FAMILIES: tuple[str, ...] = tuple(_DISCRETE)
+EXTRA_FAMILIES: tuple[str, ...] = tuple(_M_EXTRA)  # named only; on the level grid and in model space
+COMPANION_28: tuple[str, ...] = ("constant", "uniform", "grayed_mid", "inverted", "natural_patches", "digits28")
+FAMILY_DESCRIPTIONS = {
+    "uniform": "uniform noise", "gaussian": "Gaussian noise N(0.5, 0.25^2), not clamped", "constant": "constant images",
+    "grayed": "contrast halved toward the image mean", "inverted": "inverted images L-1-x",
+    "out_of_range": "data scaled x2 about 0.5 (beyond [0, 1])", "natural_patches": "natural-image patches "
+    "(scikit-learn sample images, grayscale)", "grayed_mid": "contrast halved toward the mid level L/2 (paper 004)",
+    "digits28": "sklearn digits upscaled to MNIST layout (20x20 box, centred by mass in 28x28; not MNIST)",
+}
 
 
 def _call(table: dict, kind: str, name: str, reference: Tensor, n: int, seed: int, levels: int | None, params: dict) -> Tensor:
@@ -246,7 +347,7 @@ def ood_family(name: str, reference: Tensor, n: int, *, seed: int = 0, levels: i
     """
     if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or levels < 2):
         raise ConfigError(f"levels must be an integer >= 2 or None, got {levels!r}")
-    return _call(_MODEL, "", name, reference, n, seed, levels, params)
+    return _call({**_MODEL, **_M_EXTRA}, "", name, reference, n, seed, levels, params)
 
 
 def discrete_ood_family(name: str, reference: Tensor, n: int, *, levels: int, seed: int = 0, **params) -> Tensor:
@@ -262,4 +363,4 @@ def discrete_ood_family(name: str, reference: Tensor, n: int, *, levels: int, se
             f"OOD family {name!r} is not on the level grid; use ood_family() and score it with "
             f"nats_to_bpd(flow.log_prob(v), D, levels). Discrete families: {', '.join(_DISCRETE)}"
         )
-    return _call(_DISCRETE, "discrete ", name, reference, n, seed, levels, params)
+    return _call({**_DISCRETE, **_D_EXTRA}, "discrete ", name, reference, n, seed, levels, params)

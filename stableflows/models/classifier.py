@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..config import DEFAULT_LOGIT_ALPHA
 from ..memory import MemorySavingCompose, set_memory_saving
 from ..transforms.base import ShapeError, Transform, check_finite, check_shape
 from ..transforms.coupling import AdditiveCoupling, AffineCoupling
@@ -192,7 +193,7 @@ def _finish(layers, shape, latent, *, head, n_classes, head_hidden, logit_alpha,
 # ----------------------------------------------------------------------------- factories
 def classifier(*, shape: Sequence[int], n_classes: int = 10, levels: int = 2, steps_per_level: int = 4,
                hidden: int = 64, coupling: str = "additive", scale: str = "sigmoid", permutation: str = "lu",
-               mask: str = "channel", actnorm: bool = True, head: str = "linear", head_hidden: int = 128,
+               mask: str = "channel", actnorm: bool | None = None, head: str = "linear", head_hidden: int = 128,
                logit_alpha: float = 0.0, memory_saving: bool = False, config=None) -> InvertibleClassifier:
     """An invertible classifier: [Logit] -> per level (squeeze, ``steps_per_level`` x [ActNorm,
     1x1 conv / permutation, ``coupling``]) -> ``head`` on the latent.
@@ -200,12 +201,31 @@ def classifier(*, shape: Sequence[int], n_classes: int = 10, levels: int = 2, st
     ``coupling`` is ``"additive"`` (globally bi-Lipschitz) or ``"affine"`` with scale
     parameterisation ``scale`` (only locally; Behrmann et al. 2020). For vectors ``shape=(D,)`` the
     stack has ``levels * steps_per_level`` steps and MLP conditioners.
+
+    Args:
+        shape: ``(C, H, W)`` (squeezed levels, CNN conditioners) or ``(D,)`` (MLP conditioners).
+        n_classes: classes of the head.
+        levels: squeeze levels of an image model (no factoring out: the head sees the whole latent).
+        steps_per_level: flow steps per level.
+        hidden: width of the conditioner networks.
+        coupling: ``"additive"`` | ``"affine"``.
+        scale: scale of affine couplings (:data:`stableflows.transforms.scales.SCALES`).
+        permutation: channel mixing before each coupling (see :func:`stableflows.models.glow`).
+        mask: ``"channel"`` | ``"checkerboard"``.
+        actnorm: ActNorm at the start of every step (None: on).
+        head: ``"linear"`` | ``"mlp"`` | ``"bn_relu"`` | ``"conv"`` (:func:`make_head`).
+        head_hidden: hidden width of the ``mlp`` / ``conv`` heads.
+        logit_alpha: logit pre-transform (0, the default: none; the classifiers of the papers read
+            the data as they are).
+        memory_saving: recompute activations by inversion in the backward pass.
+        config: the stored :class:`~stableflows.config.ModelConfig` (``build_model``).
     """
     if coupling not in CLASSIFIER_COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(CLASSIFIER_COUPLINGS)}")
     if permutation not in PERMUTATIONS:
         raise ValueError(f"unknown permutation {permutation!r}; choose one of {', '.join(PERMUTATIONS)}")
     shape = _check(shape, levels, steps_per_level, hidden, n_classes, logit_alpha)
+    actnorm = True if actnorm is None else actnorm
 
     def step(s, k):
         return flow_step(s, k, hidden=hidden, coupling=coupling, scale=scale, permutation=permutation, mask=mask,
@@ -216,12 +236,15 @@ def classifier(*, shape: Sequence[int], n_classes: int = 10, levels: int = 2, st
                    logit_alpha=logit_alpha, memory_saving=memory_saving, lam=0.0, config=config)
 
 
+HYBRID_DEFAULTS = {"coeff": 0.98, "activation": "lipswish", "estimator": "roulette", "n_power_iter": 5}
+
+
 def hybrid(*, shape: Sequence[int], n_classes: int = 10, block: str = "residual", lam: float = 1.0,
            levels: int = 2, steps_per_level: int = 4, hidden: int = 64, coupling: str = "affine",
-           scale: str = "sigmoid", actnorm: bool = True, head: str = "linear", head_hidden: int = 128,
-           logit_alpha: float = 0.05, memory_saving: bool = False, coeff: float = 0.98,
-           activation: str = "lipswish", estimator: str = "roulette", n_exact_terms: int = 2,
-           n_series_terms: int = 5, n_power_iter: int = 5, neumann_grad: bool = True,
+           scale: str = "sigmoid", actnorm: bool | None = None, head: str = "linear", head_hidden: int = 128,
+           logit_alpha: float = DEFAULT_LOGIT_ALPHA, memory_saving: bool = False, coeff: float | None = None,
+           activation: str | None = None, estimator: str | None = None, n_exact_terms: int = 2,
+           n_series_terms: int = 5, n_power_iter: int | None = None, neumann_grad: bool = True,
            grad_in_forward: bool = True, norm: str = "spectral", config=None) -> InvertibleClassifier:
     """A hybrid model for ``lam * log p(x) + log p(y|x)`` (Chen et al. 2019, sec. 5.4, eq. 11).
 
@@ -230,12 +253,34 @@ def hybrid(*, shape: Sequence[int], n_classes: int = 10, block: str = "residual"
     ``"coupling_1x1"`` ([ActNorm,] invertible 1x1 conv, coupling). ``lam`` is stored on the model and
     read by :class:`stableflows.train.supervised.HybridObjective`; use ``1 / D`` to weigh the
     density per dimension.
+
+    Args:
+        shape: ``(C, H, W)`` or ``(D,)``.
+        n_classes: classes of the head.
+        block: ``"residual"`` | ``"coupling"`` | ``"coupling_1x1"``.
+        lam: weight of ``log p(x)`` (nats) next to ``log p(y|x)``; 0 is a classifier.
+        levels, steps_per_level: squeeze levels (images, no factoring out) and blocks per level.
+        hidden: width of the residual branches / coupling conditioners.
+        coupling, scale: the coupling blocks' kind (``"affine"`` | ``"additive"``) and affine scale.
+        actnorm: ActNorm in front of every block (None: on).
+        head, head_hidden: the classification head (:func:`make_head`) and its hidden width.
+        logit_alpha: logit pre-transform (0: none).
+        memory_saving: recompute activations by inversion in the backward pass.
+        coeff, activation, estimator, n_power_iter: residual blocks' Lipschitz bound, activation,
+            log-det estimator and minimum power iterations; None: 0.98, ``lipswish``, ``roulette``, 5.
+        n_exact_terms, n_series_terms, neumann_grad, grad_in_forward: estimator options
+            (:func:`stableflows.estimators.make_estimator`).
+        norm: ``spectral`` | ``inf`` | ``one`` normalisation of the residual branches.
+        config: the stored :class:`~stableflows.config.ModelConfig` (``build_model``).
     """
     if block not in BLOCKS:
         raise ValueError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     shape = _check(shape, levels, steps_per_level, hidden, n_classes, logit_alpha)
+    actnorm = True if actnorm is None else actnorm
+    given = dict(coeff=coeff, activation=activation, estimator=estimator, n_power_iter=n_power_iter)
+    coeff, activation, estimator, n_power_iter = (HYBRID_DEFAULTS[k] if v is None else v for k, v in given.items())
     if block == "residual":
         from ..transforms.residual import ResidualBlock, conv_lipschitz, mlp_lipschitz
 

@@ -1,9 +1,18 @@
-"""A normalizing flow: a :class:`~stableflows.transforms.base.Transform` on top of a standard normal.
+"""A normalizing flow: a :class:`~stableflows.transforms.base.Transform` on top of a base distribution.
 
-    log p(x) = log N(F(x); 0, I) + log|det dF/dx|
+    log p(x) = log p_Z(F(x)) + log|det dF/dx|
 
-Sampling draws ``z ~ N(0, T^2 I)`` at temperature ``T`` and returns ``F^-1(z)`` (Glow, Kingma &
-Dhariwal 2018, sec. 5: reduced-temperature sampling).
+``p_Z`` is ``N(0, I)`` unless another one is given (:mod:`stableflows.models.distributions`:
+a diagonal Gaussian or a Gaussian mixture with learned parameters; :meth:`Flow.with_base`).
+Sampling draws ``z ~ p_Z`` at temperature ``T`` (``z = T eps`` for ``N(0, I)``) and returns
+``x = F^-1(z)`` (Glow, Kingma & Dhariwal 2018, sec. 5: reduced-temperature sampling), with
+
+    log p(x) = log p_Z(z) - log|det dF^-1/dz|
+
+for :meth:`Flow.sample_and_log_prob`. The sampling methods follow torch.distributions / zuko:
+``sample(shape)`` (no gradient), ``rsample(shape)`` (differentiable: reverse-KL / variational
+training), ``sample_and_log_prob`` / ``rsample_and_log_prob``; ``shape`` is an int ``n`` or a
+sample shape (``()``, ``(4,)``, ``torch.Size([2, 3])``) and the result has shape ``(*shape, *event)``.
 
 Inputs are validated once, at the public entry (``log_prob``, ``forward``, ``inverse``): a floating
 tensor of the model's dtype, a non-empty batch of the event shape, inside the domain of the first
@@ -19,13 +28,18 @@ run eagerly, so per-layer records are exactly those of the uncompiled model.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import operator
+import dataclasses
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..transforms.base import (LOG_2PI, Transform, _module_dtype, check_finite, check_shape, check_tensor, run_checked,
                                stats_wanted, sum_except_batch)
+from .distributions import BaseDistribution, StandardNormal, make_base
+
+SampleShape = Union[int, Sequence[int], torch.Size]
 
 __all__ = ["Flow", "standard_normal_log_prob"]
 
@@ -36,17 +50,19 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 
 
 class Flow(nn.Module):
-    """Transform + standard-normal base distribution; follows the layer contract too.
+    """Transform + base distribution (standard normal by default); follows the layer contract too.
 
     Args:
         transform: the bijection data -> latent.
         shape: event shape of the data, e.g. ``(1, 8, 8)`` or ``(64,)``.
         latent_shape: event shape of ``transform(x)[0]`` (defaults to ``shape``).
         config: the :class:`~stableflows.config.ModelConfig` it was built from, or None.
+        base: a :class:`~stableflows.models.distributions.BaseDistribution` on ``latent_shape``
+            (default: ``StandardNormal``).
     """
 
     def __init__(self, transform: Transform, shape: Sequence[int], latent_shape: Sequence[int] | None = None,
-                 config=None):
+                 config=None, base: BaseDistribution | None = None):
         super().__init__()
         self.transform = transform
         self.shape = tuple(int(s) for s in shape)
@@ -54,6 +70,7 @@ class Flow(nn.Module):
         if math.prod(self.shape) != math.prod(self.latent_shape):
             raise ValueError(f"latent shape {self.latent_shape} has another size than data shape {self.shape}")
         self.config = config
+        self.base = self._checked_base(base if base is not None else StandardNormal(self.latent_shape))
 
     @property
     def dim(self) -> int:
@@ -117,7 +134,7 @@ class Flow(nn.Module):
 
     def _log_prob(self, x: Tensor) -> Tensor:
         z, logdet = self.transform(x)
-        return standard_normal_log_prob(z) + logdet
+        return self.base.log_prob(z) + logdet
 
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p(x)`` per example, shape ``(B,)``."""
@@ -126,7 +143,7 @@ class Flow(nn.Module):
     def log_prob_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(log p(z), log|det dz/dx|)`` per example; their sum is ``log_prob(x)``."""
         z, logdet = run_checked(self.check_input, self.transform, x)
-        return standard_normal_log_prob(z), logdet
+        return self.base.log_prob(z), logdet
 
     def _param(self) -> Tensor:
         for t in list(self.parameters()) + list(self.buffers()):
@@ -134,19 +151,97 @@ class Flow(nn.Module):
                 return t
         return torch.zeros(())
 
-    @torch.no_grad()
-    def sample_latent(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        if n < 1:
-            raise ValueError(f"number of samples must be >= 1, got {n}")
+    # ------------------------------------------------------------------ base distribution
+    def _checked_base(self, base: BaseDistribution) -> BaseDistribution:
+        if not isinstance(base, BaseDistribution):
+            raise TypeError(f"base must be a BaseDistribution, got {type(base).__name__}")
+        if base.event_shape != self.latent_shape:
+            raise ValueError(f"base distribution on {base.event_shape} does not fit the latent shape {self.latent_shape}")
+        return base
+
+    def with_base(self, base: str | BaseDistribution, *, components: int = 10) -> "Flow":
+        """Replace the base distribution (in place; returns the flow): ``"normal"``, ``"diag_normal"``,
+        ``"mixture"`` (``components`` Gaussians) or a :class:`BaseDistribution` on ``latent_shape``.
+        Its parameters take the flow's dtype and device; ``.config`` records a named base, so that
+        checkpoints rebuild it."""
+        new = make_base(base, self.latent_shape, components=components) if isinstance(base, str) else base
+        p = self._param()
+        self.base = self._checked_base(new).to(device=p.device, dtype=p.dtype)
+        if isinstance(base, str) and self.config is not None and dataclasses.is_dataclass(self.config):
+            fields = {f.name for f in dataclasses.fields(self.config)}
+            if {"base", "base_components"} <= fields:
+                self.config = dataclasses.replace(self.config, base=base, base_components=components)
+        return self
+
+    # ------------------------------------------------------------------ sampling
+    @staticmethod
+    def _sample_shape(shape: SampleShape) -> tuple[int, ...]:
+        """``n`` -> ``(n,)``; a sequence / ``torch.Size`` of positive ints as it is."""
+        def index(d) -> int:
+            if isinstance(d, (bool, float, Tensor)) or not hasattr(d, "__index__"):
+                raise TypeError(f"sample shape must be an int or a sequence of ints (e.g. 64, (4,), "
+                                f"torch.Size([2, 3])), got {shape!r}")
+            return operator.index(d)
+
+        dims = (index(shape),) if not isinstance(shape, (Sequence, torch.Size)) or isinstance(shape, str) \
+            else tuple(index(d) for d in shape)
+        if any(d < 1 for d in dims):
+            raise ValueError(f"number of samples must be >= 1, got sample shape {dims}")
+        return dims
+
+    def _latent(self, m: int, temperature: float, generator: torch.Generator | None) -> Tensor:
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         p = self._param()
-        z = torch.randn((n, *self.latent_shape), generator=generator, dtype=p.dtype,
-                        device=p.device if generator is None else generator.device)
-        return (z * temperature).to(p.device)
+        return self.base.rsample(m, temperature, generator, dtype=p.dtype, device=p.device)  # (m, *latent)
+
+    def _commit_actnorm(self) -> None:
+        """Differentiable sampling uses uninitialised ActNorm layers as the identity; mark them
+        initialised so that a later forward pass on data does not replace the trained map."""
+        from ..transforms.normalization import ActNorm
+
+        for m in self.modules():
+            if isinstance(m, ActNorm):
+                m.initialized.fill_(True)
+
+    def rsample_and_log_prob(self, shape: SampleShape = (), temperature: float = 1.0,
+                             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Differentiable samples ``x = F^-1(z)``, ``z ~ p_Z`` at ``temperature``, and the model's
+        ``log p(x) = log p_Z(z) - log|det dF^-1/dz|`` (the ``T = 1`` density at ``x``, whatever
+        ``temperature``); shapes ``(*shape, *event)`` and ``shape``. Gradients reach the transform
+        and the base's parameters (reverse KL: ``(log_p - log_target(x)).mean()``)."""
+        return self._draw(shape, temperature, generator, log_prob=True)
+
+    def _draw(self, shape, temperature, generator, *, log_prob: bool) -> tuple[Tensor, Tensor | None]:
+        dims = self._sample_shape(shape)
+        if self.training and torch.is_grad_enabled():
+            self._commit_actnorm()
+        z = self._latent(math.prod(dims), temperature, generator)  # (m, *latent)
+        x, inv_logdet = self.transform.inverse(z)  # (m, *shape), (m,)
+        log_p = (self.base.log_prob(z) - inv_logdet).reshape(dims) if log_prob else None
+        return x.reshape(*dims, *self.shape), log_p
+
+    def rsample(self, shape: SampleShape = (), temperature: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+        """Differentiable samples ``F^-1(z)``, shape ``(*shape, *event)`` (see :meth:`rsample_and_log_prob`)."""
+        return self._draw(shape, temperature, generator, log_prob=False)[0]
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` samples ``F^-1(z)``, ``z ~ N(0, temperature^2 I)``; shape ``(n, *shape)``."""
-        x, _ = self.transform.inverse(self.sample_latent(n, temperature, generator))
-        return x
+    def sample_and_log_prob(self, shape: SampleShape = (), temperature: float = 1.0,
+                            generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`rsample_and_log_prob` without gradients."""
+        return self.rsample_and_log_prob(shape, temperature, generator)
+
+    @torch.no_grad()
+    def sample_latent(self, n: SampleShape, temperature: float = 1.0,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """Latents ``z ~ p_Z`` at ``temperature``, shape ``(*n, *latent_shape)`` (``(n, *latent_shape)`` for an int)."""
+        dims = self._sample_shape(n)
+        return self._latent(math.prod(dims), temperature, generator).reshape(*dims, *self.latent_shape)
+
+    @torch.no_grad()
+    def sample(self, shape: SampleShape = (), temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Samples ``F^-1(z)``, ``z ~ p_Z`` at ``temperature`` (``N(0, T^2 I)`` for the standard normal),
+        without gradients; shape ``(*shape, *event)``, e.g. ``sample(64)`` -> ``(64, *event)``."""
+        return self._draw(shape, temperature, generator, log_prob=False)[0]

@@ -17,7 +17,7 @@ returns an :class:`OODResult` (JSON summary + per-example arrays for the plots o
    inverse has exploded is flagged meaningless.
 
 Inputs: the discrete families of :mod:`stableflows.data.ood` are built on the level grid from the
-test split and dequantised with the fixed noise of seed 0 (DESIGN.md bits/dim); ``gaussian`` and
+test split and dequantised with the fixed noise of seed 0 (docs/METRICS.md bits/dim); ``gaussian`` and
 ``out_of_range`` are model-space families scored as given. A family named like a dataset
 (``mnist``, ``fashion-mnist``, ``cifar10``, ``svhn``) is that dataset's test split, read from local
 files (the paper's pairs).
@@ -34,7 +34,7 @@ from scipy.special import logsumexp
 from torch import Tensor, nn
 
 from ..config import ConfigError, DataConfig
-from ..data.ood import DISCRETE_FAMILIES, OOD_FAMILIES, discrete_ood_family, ood_family
+from ..data.ood import DISCRETE_FAMILIES, EXTRA_FAMILIES, FAMILY_DESCRIPTIONS, OOD_FAMILIES, discrete_ood_family, ood_family
 from ..data.registry import ALIASES as DATASET_ALIASES
 from ..metrics import nats_to_bpd
 from . import scores as S
@@ -125,16 +125,16 @@ def build_sets(splits, cfg: OODConfig = OODConfig()) -> dict[str, SetData]:
             raise ConfigError(f"family name {fam!r} clashes with a split name")
         if fam in DATASET_FAMILIES or fam in DATASET_ALIASES:
             sets[fam] = _dataset_family(DATASET_ALIASES.get(fam, fam), splits, cfg, n)
-        elif fam in DISCRETE_FAMILIES:
-            m = min(n, len(test_x)) if fam in ("grayed", "inverted") else n
+        elif fam in DISCRETE_FAMILIES or fam in EXTRA_FAMILIES:
+            m = min(n, len(test_x)) if fam in ("grayed", "grayed_mid", "inverted") else n
             x = discrete_ood_family(fam, test_x, m, levels=L, seed=cfg.seed)
-            sets[fam] = SetData(fam, "ood", fixed_dequantize(x, L), x, _DESCRIPTIONS.get(fam, fam))
+            sets[fam] = SetData(fam, "ood", fixed_dequantize(x, L), x, _DESCRIPTIONS.get(fam) or FAMILY_DESCRIPTIONS[fam])
         elif fam in OOD_FAMILIES:
             m = min(n, len(test_x)) if fam == "out_of_range" else n
             v = ood_family(fam, sets["test"].v, m, seed=cfg.seed, levels=L).double()
             sets[fam] = SetData(fam, "ood", v, None, _DESCRIPTIONS.get(fam, fam))
         else:
-            raise ConfigError(f"unknown OOD family {fam!r}; known: {', '.join(OOD_FAMILIES + DATASET_FAMILIES)}")
+            raise ConfigError(f"unknown OOD family {fam!r}; known: {', '.join(OOD_FAMILIES + EXTRA_FAMILIES + DATASET_FAMILIES)}")
     return sets
 
 
@@ -313,10 +313,10 @@ def _probes(model, sets, shape, L, cfg, arrays) -> dict:
     b_const = bpd_of(model, v_const, L, batch_size=cfg.batch_size)
     n_rand = sets["test"].v.shape[0] if cfg.n is None else int(cfg.n)
     b_rand = bpd_of(model, random_inputs(shape, n_rand, seed=cfg.seed), L, batch_size=cfg.batch_size)
-    gray_sets = {"test": sets["test"].v}
+    gray_sets = {"test": sets["test"].x}  # integer images: grayed towards the mid level, then dequantised
     for k in ("natural_patches",) + DATASET_FAMILIES:
-        if k in sets:
-            gray_sets[k] = sets[k].v
+        if k in sets and sets[k].x is not None:
+            gray_sets[k] = sets[k].x
     gray = graying_curve(model, gray_sets, L, factors=cfg.gray_factors)
     arrays["constant_bpd"] = (lv, b_const)
     return {"constant": {"levels": lv.tolist(), "bpd": [float(b) if np.isfinite(b) else None for b in b_const],

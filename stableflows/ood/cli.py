@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="in-distribution dataset; must be the one the model was trained on (default: the run's)")
     parser.add_argument("--ood", default=None, metavar="FAMILY,...",
                         help="OOD families: uniform, gaussian, constant, grayed, inverted, out_of_range, "
-                             "natural_patches, or a dataset with local files (mnist, fashion-mnist, cifar10, svhn); "
+                             "natural_patches, grayed_mid, digits28 (28x28), or a dataset with local files (mnist, fashion-mnist, cifar10, svhn); "
                              "default: the seven generated families")
     parser.add_argument("--report", default=None, metavar="OUT_DIR",
                         help="directory for ood.json and ood.html (default: RUN/ood)")

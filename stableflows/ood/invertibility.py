@@ -5,7 +5,7 @@ A flow's ``log p(x)`` presumes that ``F`` is a bijection at ``x``. Where the rou
 paper 000/001: Glow on out-of-distribution inputs), and the density there describes a map that
 is no longer the model's: such a likelihood is flagged *meaningless*.
 
-Per example (DESIGN.md): ``err = ||x - x_hat||_2``; the example is invertible within tolerance when
+Per example (docs/METRICS.md): ``err = ||x - x_hat||_2``; the example is invertible within tolerance when
 ``x_hat`` is finite and ``err <= tol`` (default ``1e-3``, float32, data in [0, 1]). The round trip
 and error definitions are those of :mod:`stableflows.audit.reconstruction`. :func:`invertibility`
 flags every scored example; :func:`audit_verdicts` adds the audit's per-family verdicts (with the
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 __all__ = ["INVERTIBLE_TOL", "invertibility", "audit_verdicts", "VERDICTS", "AUDIT_EXTRA"]
 
-INVERTIBLE_TOL = 1e-3  # DESIGN.md: invertible within tolerance
+INVERTIBLE_TOL = 1e-3  # docs/METRICS.md: invertible within tolerance
 VERDICTS = ("invertible", "not invertible", "outside domain")
 
 

@@ -188,7 +188,7 @@ def figures(result) -> dict[str, str]:
                      color=colors.get(n, None))
     axes[1].set_xlabel("contrast factor a (1 = original, 0 = constant)")
     axes[1].set_ylabel("mean bits/dim")
-    axes[1].set_title("graying: v -> m + a (v - m)")
+    axes[1].set_title("graying: x -> round(m + a (x - m)), m = mid level, then dequantised")
     axes[1].invert_xaxis()
     axes[1].legend(fontsize=7)
     figs["probes"] = _png(fig)

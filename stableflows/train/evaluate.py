@@ -1,6 +1,6 @@
 """Evaluation with fixed dequantisation noise, and flows restored from checkpoints.
 
-The evaluation metric is bits/dim (DESIGN.md) on discrete data, with the fixed noise
+The evaluation metric is bits/dim (docs/METRICS.md) on discrete data, with the fixed noise
 ``u = torch.rand(x.shape, generator=Generator().manual_seed(0))`` drawn once for the whole split,
 so the value does not depend on the evaluation batch size and equals
 ``stableflows.metrics.bits_per_dim(flow, x, L, seed=0).mean()``. On continuous data it is the mean
@@ -18,12 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from ..metrics import nats_to_bpd
-from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from ..config import ConfigError
+from ..transforms.base import StableflowsError
+from .checkpoint import CheckpointError, load_checkpoint, require, resolve_checkpoint
 
 __all__ = ["EVAL_SEED", "EVAL_BATCH", "metric_name", "fixed_noise", "evaluate", "quantize",
            "frozen_rng", "load_flow", "draw_samples"]
 
-EVAL_SEED = 0  # seed of the fixed test-time dequantisation noise (DESIGN.md)
+EVAL_SEED = 0  # seed of the fixed test-time dequantisation noise (docs/METRICS.md)
 EVAL_BATCH = 512  # examples per forward pass during evaluation
 
 
@@ -105,17 +107,28 @@ def load_flow(path: str | Path, *, map_location: str | torch.device = "cpu",
 
     p = resolve_checkpoint(path, prefer)
     ckpt = load_checkpoint(p, map_location=map_location)
-    for key in ("config", "shape", "model"):
-        if key not in ckpt:
-            raise CheckpointError(f"checkpoint has no '{key}' entry", p)
-    cfg = RunConfig.from_dict(ckpt["config"])
-    flow = build_model(cfg.model, tuple(ckpt["shape"]))
-    weights = ckpt["ema"]["module"] if ckpt.get("ema") else ckpt["model"]
+    stored = require(ckpt, "config", dict, p)
+    shape = require(ckpt, "shape", (list, tuple), p)
+    if not shape or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise CheckpointError(f"checkpoint entry 'shape' must be positive integers, got {shape!r}", p)
+    require(ckpt, "model", dict, p)
+    try:
+        cfg = RunConfig.from_dict(stored)
+    except ConfigError as e:
+        raise CheckpointError(f"the stored config is unreadable: {e}", p) from e
+    try:
+        flow = build_model(cfg.model, tuple(shape))
+    except (StableflowsError, ValueError, TypeError) as e:
+        raise CheckpointError(f"the stored config does not build a model: {e}", p) from e
+    ema = ckpt.get("ema")
+    weights = require(ema, "module", dict, p, what="checkpoint entry 'ema'") if ema else ckpt["model"]
     try:
         flow.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights do not fit the model built from the stored config: "
-                              f"{str(e).splitlines()[0]}", p) from e
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        detail = [ln for ln in lines if not ln.startswith("Error(s) in loading state_dict")] or lines
+        first = (detail[0] if detail else type(e).__name__)[:240]
+        raise CheckpointError(f"weights do not fit the model built from the stored config: {first}", p) from e
     flow.to(map_location)
     flow.eval()
     return flow, ckpt

@@ -24,6 +24,14 @@ from two dedicated generators; the global RNG state, both generator states and t
 permutation are stored in ``last.pt``, and evaluation never touches the training random streams,
 so ``train(resume=True)`` follows exactly the trajectory of an uninterrupted run.
 
+Run directory (:mod:`.rundir`): a fresh run refuses a directory holding anything unless
+``overwrite`` is given (and then keeps the earlier run until its own first checkpoint), holds an
+exclusive lock on it, and writes ``config.yaml`` first. No checkpoint is written with non-finite
+weights: a model whose weights became non-finite ends the run (:class:`TrainingDiverged`) naming the
+last good checkpoint. SIGINT / SIGTERM finish the current step, write ``last.pt`` and raise
+:class:`TrainingInterrupted` (a second signal aborts at once); ``resume`` then continues exactly.
+A failed write (disk full ...) raises :class:`~.rundir.RunWriteError`; the previous checkpoint stays.
+
 Several processes (``torchrun --nproc_per_node=N -m stableflows train ...``): data-parallel training
 with DistributedDataParallel, ``train.batch_size`` being the global batch; every rank draws the
 global batch and noise and keeps its shard, gradients are averaged, evaluation is sharded and
@@ -36,10 +44,12 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import resource
+import signal
 import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -50,7 +60,7 @@ from torch import Tensor, nn
 from ..config import ConfigError, RunConfig
 from ..metrics import check_levels
 from ..transforms.base import InputOutsideDomain, ShapeError, StableflowsError, check_finite, check_shape, validation
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, require, save_checkpoint
 from .distributed import DistEnv, evaluate_sharded, rank_seed
 from .distributed import setup as setup_distributed
 from .distributed import wrap as wrap_distributed
@@ -59,28 +69,39 @@ from .evaluate import EVAL_SEED, evaluate, finite_or_none, frozen_rng, metric_na
 from .objectives import Batch, MaximumLikelihood, Objective
 from .optim import adamw, load_optimizer_state
 from .plots import write_figures
+from .progress import Progress
+from .rundir import RunDir, RunDirError, RunWriteError, check_reusable, default_out_dir, open_run_dir, recover
+from .validation import OBJECTIVE_CHOICES, SUPERVISED, SUPERVISED_ONLY, validate_config  # noqa: F401 (re-exported)
 
-__all__ = ["train", "TrainResult", "TrainingDiverged", "validate_config", "resolve_device", "build_objective",
+__all__ = ["train", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "RunNote", "validate_config", "resolve_device", "build_objective",
            "build_guard", "OBJECTIVE_CHOICES", "MAX_CONSECUTIVE_NONFINITE", "INIT_BATCH"]
 
 MAX_CONSECUTIVE_NONFINITE = 20  # abort after this many non-finite steps in a row
 INIT_BATCH = 512  # examples of the data-dependent (ActNorm) initialisation forward pass
-PROGRESS_EVERY = 10  # steps between progress-bar refreshes
 SEED_OFFSETS = {"sample": 1, "noise": 2, "init": 3}  # dedicated generators: seed + offset
 # train fields that change the trajectory: a resumed run must keep them
 TRAJECTORY_FIELDS = ("batch_size", "lr", "weight_decay", "warmup", "grad_clip", "ema_decay", "seed", "objective",
-                     "label_smoothing", "fd_forward", "fd_inverse", "fd_eps", "fd_every", "nf_weight",
+                     "label_smoothing", "fd_forward", "fd_inverse", "fd_eps", "fd_every", "fd_mode", "nf_weight",
                      "fallback", "max_angle", "max_rel_error")
 INTERMITTENT = ("fd_", "nf_")  # logs of regularizers applied every k steps (averaged over the steps they ran)
-OBJECTIVE_CHOICES = ("likelihood", "classification", "hybrid")  # train.objective
-SUPERVISED = ("classification", "hybrid")
-# options of the supervised objectives (with their "off" values): set with objective = likelihood -> error
-SUPERVISED_ONLY = {"fd_forward": 0.0, "fd_inverse": 0.0, "nf_weight": 0.0, "label_smoothing": 0.0}
 Callback = Callable[[str, dict], None]
 
 
 class TrainingDiverged(StableflowsError, RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Too many consecutive steps had a non-finite loss or gradient, or the weights became non-finite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped the training after a finished step; ``last.pt`` holds that step."""
+
+    def __init__(self, message: str, *, step: int, path: Path, signal_name: str):
+        super().__init__(message)
+        self.step, self.path, self.signal_name = step, path, signal_name
+
+
+class RunNote(UserWarning):
+    """Something the run did to its directory that the user should know (a restored run, a removed
+    temporary file, a stale best.pt): shown once, training goes on."""
 
 
 @dataclass
@@ -102,6 +123,9 @@ class TrainResult:
     out_dir: str
     n_params: int = 0
     test_metrics: dict = dataclasses.field(default_factory=dict)  # every test metric of the objective
+    session_steps: int = 0  # steps trained by this call (0: a resumed run that had already finished)
+    outputs: list = dataclasses.field(default_factory=list)  # files written in out_dir, by name
+    notes: dict = dataclasses.field(default_factory=dict)  # e.g. {"samples": why samples.png is missing}
     history: list = dataclasses.field(default_factory=list, repr=False)
 
     @property
@@ -116,57 +140,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- checks
-def validate_config(cfg: RunConfig) -> None:
-    """Raise :class:`ConfigError` listing every out-of-range training/data option."""
-    t, d = cfg.train, cfg.data
-    problems = []
-    rules = [
-        (t.steps >= 0, f"train.steps must be >= 0, got {t.steps}"),
-        (t.time_budget is None or t.time_budget > 0, f"train.time_budget must be > 0 seconds, got {t.time_budget}"),
-        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
-        (math.isfinite(t.lr) and t.lr > 0, f"train.lr must be a positive number, got {t.lr}"),
-        (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
-        (t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}"),
-        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}"),
-        (0 <= t.ema_decay < 1, f"train.ema_decay must lie in [0, 1), got {t.ema_decay}"),
-        (t.eval_every >= 1, f"train.eval_every must be >= 1, got {t.eval_every}"),
-        (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
-         f"train.device must be auto, cpu or cuda[:i], got {t.device!r}"),
-        (t.threads is None or t.threads >= 1, f"train.threads must be >= 1, got {t.threads}"),
-        (bool(t.out_dir), "train.out_dir must not be empty"),
-        (0 < d.val_size < 1, f"data.val_size must lie in (0, 1), got {d.val_size}"),
-        (t.objective in OBJECTIVE_CHOICES,
-         f"train.objective must be one of {', '.join(OBJECTIVE_CHOICES)}, got {t.objective!r}"),
-        (t.fd_forward >= 0, f"train.fd_forward must be >= 0 (0 disables), got {t.fd_forward}"),
-        (t.fd_inverse >= 0, f"train.fd_inverse must be >= 0 (0 disables), got {t.fd_inverse}"),
-        (math.isfinite(t.fd_eps) and t.fd_eps > 0, f"train.fd_eps must be > 0, got {t.fd_eps}"),
-        (t.fd_every >= 1, f"train.fd_every must be >= 1, got {t.fd_every}"),
-        (t.nf_weight >= 0, f"train.nf_weight must be >= 0 (0 disables), got {t.nf_weight}"),
-        (0 <= t.label_smoothing < 1, f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}"),
-        (t.angle_every >= 0, f"train.angle_every must be >= 0 (0: never), got {t.angle_every}"),
-        (t.max_angle > 0, f"train.max_angle must be > 0 degrees, got {t.max_angle}"),
-        (t.max_rel_error > 0, f"train.max_rel_error must be > 0, got {t.max_rel_error}"),
-        (cfg.model.lam >= 0, f"model.lam must be >= 0, got {cfg.model.lam}"),
-        (not (t.objective == "hybrid" and t.nf_weight > 0),
-         "train.nf_weight applies to the classification objective; the hybrid objective already contains "
-         "log p(x): weigh it with model.lam"),
-    ]
-    if t.objective == "likelihood":
-        rules += [(getattr(t, k) == off, f"train.{k} applies to the classification and hybrid objectives only "
-                                         f"(train.objective is likelihood)") for k, off in SUPERVISED_ONLY.items()]
-    if t.objective in SUPERVISED and t.fd_forward > 0 and cfg.model.logit_alpha > 0:
-        rules.append((False, f"train.fd_forward perturbs the input by eps = {t.fd_eps} in a random direction, "
-                             f"which can leave the domain of the logit pre-transform (model.logit_alpha = "
-                             f"{cfg.model.logit_alpha}, inputs near [0, 1]): set model.logit_alpha = 0 "
-                             "(--logit-alpha 0)"))
-    if (t.angle_every > 0 or t.fallback) and not cfg.model.memory_saving:
-        rules.append((False, "train.angle_every / train.fallback check memory-saving gradients: set "
-                             "model.memory_saving = true"))
-    problems = [msg for ok, msg in rules if not ok]
-    if problems:
-        raise ConfigError("invalid options: " + "; ".join(problems))
-
-
 def build_objective(cfg: RunConfig) -> Objective:
     """The objective ``cfg.train.objective`` names: :class:`MaximumLikelihood`, or
     :func:`stableflows.train.supervised.make_objective` with the FD / NF / label-smoothing options
@@ -180,7 +153,7 @@ def build_objective(cfg: RunConfig) -> Objective:
 
     try:
         return make_objective(t.objective, fd_forward=t.fd_forward, fd_inverse=t.fd_inverse, fd_eps=t.fd_eps,
-                              fd_every=t.fd_every, nf_weight=t.nf_weight, lam=None,
+                              fd_every=t.fd_every, fd_mode=t.fd_mode, nf_weight=t.nf_weight, lam=None,
                               label_smoothing=t.label_smoothing)
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -267,8 +240,49 @@ def peak_rss_mb() -> float:
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
 
 
-def _progress_enabled(cfg: RunConfig) -> bool:
-    return cfg.train.progress and sys.stderr.isatty() and not os.environ.get("CI")
+def _nonfinite_entries(state: dict[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors of a state dict with a non-finite entry (one host sync)."""
+    floats = [(k, t) for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    if not floats:
+        return []
+    ok = torch.stack([torch.isfinite(t).all() for _, t in floats]).cpu()
+    if bool(ok.all()):
+        return []
+    return [k for (k, _), good in zip(floats, ok.tolist()) if not good]
+
+
+def state_dict_error(e: BaseException) -> str:
+    """The informative line of a ``load_state_dict`` error (missing / unexpected keys, size mismatch)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    detail = [ln for ln in lines if not ln.startswith("Error(s) in loading state_dict")]
+    text = (detail or lines or [type(e).__name__])[0]
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _count(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"entry {name} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Adam moments that exist have the shape of their parameter (torch only checks the groups)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = st.get(key)
+                if not torch.is_tensor(t) or t.shape != p.shape:
+                    raise ValueError(f"optimizer state {key} of a parameter of shape {tuple(p.shape)} is "
+                                     f"{'missing' if t is None else tuple(getattr(t, 'shape', ()))}")
+            if "step" not in st:
+                raise ValueError("optimizer state without its step count")
+
+
+def _note(message: str) -> None:
+    warnings.warn(message, RunNote, stacklevel=3)
 
 
 def _json_line(record: dict) -> str:
@@ -306,6 +320,8 @@ class _Trainer:
         self.last_lr = self.lr()
         self.guard = build_guard(cfg)
         self.grad_checks = self.grad_fallbacks = 0
+        self.saved_step: int | None = None  # step of the last.pt on disk (written or resumed from)
+        self.rundir: RunDir | None = None  # rank 0: the locked run directory
 
         self._data_dependent_init()
         self.ema = EMA(model, self.t.ema_decay) if self.t.ema_decay > 0 else None
@@ -356,15 +372,44 @@ class _Trainer:
             "grad_checks": [self.grad_checks, self.grad_fallbacks],
         }
 
-    def load_state(self, s: dict[str, Any]) -> None:
-        self.model.load_state_dict(s["model"])
-        if self.ema is not None:
-            if not s.get("ema"):
-                raise CheckpointError("checkpoint has no EMA state but ema_decay > 0", self.out / "last.pt")
-            self.ema.load_state_dict(s["ema"])
+    def load_state(self, s: dict[str, Any], path: Path | None = None) -> None:
+        """Restore the state of a ``last.pt``; any entry that is missing or does not fit is a
+        :class:`CheckpointError` naming ``path``."""
+        path = path or self.out / "last.pt"
+        if s.get("kind", "last") != "last":
+            raise CheckpointError(f"this is a '{s.get('kind')}' checkpoint (weights only), not the training state "
+                                  "of a last.pt: it cannot be resumed", path)
+        weights = require(s, "model", dict, path)
+        bad = _nonfinite_entries(weights)
+        if bad:
+            raise CheckpointError(f"the checkpoint holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
+                                  "it cannot be resumed", path)
+        try:
+            self.model.load_state_dict(weights)
+            if self.ema is not None:
+                if not s.get("ema"):
+                    raise CheckpointError("checkpoint has no EMA state but ema_decay > 0", path)
+                self.ema.load_state_dict(s["ema"])
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"weights do not fit the model built from the config (another model type or "
+                                  f"other options): {state_dict_error(e)}", path) from e
+        try:
+            self._load_rest(s)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            what = f"no entry {e}" if isinstance(e, KeyError) else state_dict_error(e)
+            raise CheckpointError(f"the training state does not fit this run ({type(e).__name__}: {what})",
+                                  path) from e
+        self.saved_step = self.step
+
+    def _load_rest(self, s: dict[str, Any]) -> None:
         load_optimizer_state(self.optimizer, s["optimizer"])
-        self.step = int(s["step"])
+        _check_optimizer_state(self.optimizer)
+        self.step = _count(s["step"], "step")
         self.best_val, self.best_step = float(s["best_val"]), s["best_step"]
+        if self.best_step is not None:
+            self.best_step = int(self.best_step)
         self.train_time, self.eval_time = float(s["train_time"]), float(s["eval_time"])
         torch.set_rng_state(s["rng"]["torch"])
         ranks = s["rng"].get("ranks")
@@ -376,13 +421,58 @@ class _Trainer:
             torch.cuda.set_rng_state(s["rng"]["cuda"], self.device)
         for k, g in self.gens.items():
             g.set_state(s["rng"][k])
-        self.perm, self.pos = s["sampler"]["perm"], int(s["sampler"]["pos"])
+        n = self.train_x.shape[0]
+        perm, pos = s["sampler"]["perm"], _count(s["sampler"]["pos"], "sampler.pos")
+        if perm is not None and (not torch.is_tensor(perm) or perm.shape != (n,) or pos > n):
+            raise ValueError(f"the stored batch order does not fit the {n} training examples")
+        self.perm, self.pos = perm, pos
         self.history = list(s["history"])
-        self.accum = dict(s["accum"])
-        self.nonfinite_total, self.nonfinite_run = (int(v) for v in s["nonfinite"])
+        if not all(isinstance(r, dict) and isinstance(r.get("kind"), str) for r in self.history):
+            raise ValueError("the stored history holds entries that are not records")
+        self.accum = {str(k): float(v) for k, v in dict(s["accum"]).items()}
+        self.nonfinite_total, self.nonfinite_run = (_count(v, "nonfinite") for v in s["nonfinite"])
         self.last_eval_step = int(s["last_eval_step"])
         self.last_lr = float(s["last_lr"])
         self.grad_checks, self.grad_fallbacks = (int(v) for v in s.get("grad_checks", (0, 0)))
+
+    # -------------------------------------------------------------- writing
+    def _write(self, name: str, write: Callable[[Path], Any]) -> None:
+        """Run ``write(path)``; a failed write becomes one :class:`RunWriteError` line saying what is kept."""
+        path = self.out / name
+        try:
+            write(path)
+        except OSError as e:
+            raise RunWriteError(f"cannot write {path}: {e.strerror or e}; {self.kept()}") from e
+
+    def kept(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint of this run was written yet"
+        return (f"the previous checkpoint {self.out / 'last.pt'} (step {self.saved_step}) is kept: make room and "
+                f"continue with: stableflows train --resume --out-dir {self.out}")
+
+    def last_good(self) -> str:
+        if self.saved_step is None:
+            return "No checkpoint of this run was written."
+        return f"The last good checkpoint is {self.out / 'last.pt'} (step {self.saved_step})."
+
+    def check_weights(self) -> None:
+        """Never checkpoint non-finite weights: a model that has them has diverged."""
+        bad = _nonfinite_entries(self.model.state_dict())
+        if self.ema is not None:
+            bad += [f"ema.{k}" for k in _nonfinite_entries(self.ema.module.state_dict())]
+        if bad:
+            raise TrainingDiverged(
+                f"the weights became non-finite by step {self.step} ({len(bad)} tensors, e.g. {bad[0]}) and are not "
+                f"saved; lower --lr, raise --warmup, set --grad-clip or --weight-decay lower. {self.last_good()}")
+
+    def save_last(self) -> None:
+        """``last.pt`` (collective under torch.distributed: gathers every rank's RNG); rank 0 writes."""
+        state = self.state()
+        if self.env.is_main:
+            self._write("last.pt", lambda p: save_checkpoint(p, state))
+            if self.rundir is not None:
+                self.rundir.committed()  # an earlier run replaced with --overwrite may go now
+        self.saved_step = self.step
 
     def start_distributed(self) -> None:
         """Wrap the model in DDP (after initialisation and loading; a no-op on one process)."""
@@ -477,7 +567,7 @@ class _Trainer:
             raise TrainingDiverged(
                 f"{self.nonfinite_run} consecutive steps had a non-finite {what} (last at step {self.step + 1}, "
                 f"value {value}); lower --lr, raise --warmup, set --grad-clip, or use a bounded --scale. "
-                f"The last good checkpoint is {self.out / 'last.pt'}")
+                + self.last_good())
 
     def running_metric(self) -> tuple[str, float] | None:
         """Running mean of the training metric (else bpd, else the loss) since the last evaluation."""
@@ -497,6 +587,7 @@ class _Trainer:
 
     def evaluate_and_checkpoint(self, session_rate: float) -> dict:
         t0 = time.perf_counter()
+        self.check_weights()
         vals = self.evaluate_split(self.eval_model, "val")
         val = vals[self.metric]
         self.accum = self.env.average(self.accum)  # training logs: mean over ranks
@@ -517,39 +608,44 @@ class _Trainer:
         if math.isfinite(val) and val < self.best_val:
             self.best_val, self.best_step = val, self.step
             if self.env.is_main:
-                save_checkpoint(self.out / "best.pt", {
-                    "kind": "best", "config": self.cfg.to_dict(), "shape": list(self.splits.shape),
-                    "levels": self.levels, "data": self.splits.name, "metric": self.metric,
-                    "model": self.eval_model.state_dict(), "step": self.step, "val": val})
+                best = {"kind": "best", "config": self.cfg.to_dict(), "shape": list(self.splits.shape),
+                        "levels": self.levels, "data": self.splits.name, "metric": self.metric,
+                        "model": self.eval_model.state_dict(), "step": self.step, "val": val}
+                self._write("best.pt", lambda p: save_checkpoint(p, best))
         self.last_eval_step = self.step
         self.eval_time += time.perf_counter() - t0
         record["eval_time"] = self.eval_time
         self.history.append(record)
-        state = self.state()  # collective under torch.distributed (gathers every rank's RNG)
         if self.env.is_main:
             self._append_jsonl(record)
-            save_checkpoint(self.out / "last.pt", state)
+        self.save_last()
         self.env.barrier()  # the other ranks may read best.pt / last.pt from here on
         for cb in self.callbacks:
             cb("eval", record)
         return record
 
     def _append_jsonl(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(_json_line(record) + "\n")
+        def append(path: Path) -> None:
+            with open(path, "a") as f:
+                f.write(_json_line(record) + "\n")
+
+        self._write("metrics.jsonl", append)
 
     def rewrite_jsonl(self) -> None:
-        atomic_write_text(self.out / "metrics.jsonl", "".join(_json_line(r) + "\n" for r in self.history))
+        text = "".join(_json_line(r) + "\n" for r in self.history)
+        self._write("metrics.jsonl", lambda p: atomic_write_text(p, text))
 
 
 # ----------------------------------------------------------------------------- entry point
-def train(cfg: RunConfig, *, resume: bool = False, model: nn.Module | None = None, splits=None,
-          objective: Objective | None = None, callbacks: Sequence[Callback] = ()) -> TrainResult:
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, model: nn.Module | None = None,
+          splits=None, objective: Objective | None = None, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``; outputs go to ``cfg.train.out_dir``.
 
     Args:
-        cfg: the run configuration.
+        cfg: the run configuration. ``train.out_dir = None`` picks a new ``runs/<model>-<data>-<UTC time>``.
         resume: continue from ``out_dir/last.pt`` (same trajectory as an uninterrupted run).
+        overwrite: replace the run already in ``out_dir`` (without it a non-empty directory is refused);
+            the earlier run is kept until this one has written its first checkpoint.
         model: a flow to train instead of ``build_model(cfg.model, shape)`` (its shape must match).
         splits: data splits instead of ``load_dataset(cfg.data, seed)``.
         objective: defaults to :class:`MaximumLikelihood`. An objective with a ``metric`` name and
@@ -558,30 +654,98 @@ def train(cfg: RunConfig, *, resume: bool = False, model: nn.Module | None = Non
         callbacks: ``cb(event, record)`` called once set-up is done and training starts (``"start"``),
             after every evaluation (``"eval"``) and at the end (``"end"``, the summary).
 
-    Writes ``metrics.jsonl`` (one record per evaluation, non-finite step and the final test),
-    ``metrics.json`` (summary), ``best.pt``, ``last.pt``, ``samples.png`` and ``curve.png``.
-    Raises :class:`ConfigError` / data errors before any training, :class:`TrainingDiverged` after
-    ``MAX_CONSECUTIVE_NONFINITE`` non-finite steps in a row.
+    Writes ``config.yaml``, ``metrics.jsonl`` (one record per evaluation, non-finite step and the
+    final test), ``metrics.json`` (summary), ``best.pt``, ``last.pt``, ``samples.png`` and ``curve.png``.
+    Raises :class:`ConfigError` / data errors / :class:`~.rundir.RunDirError` before any training,
+    :class:`TrainingDiverged` after ``MAX_CONSECUTIVE_NONFINITE`` non-finite steps in a row or on
+    non-finite weights, :class:`~.rundir.RunWriteError` when a write fails, and
+    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) after SIGINT / SIGTERM, ``last.pt`` saved.
 
     Under ``torchrun`` (or inside a process group the caller initialised) every rank calls this;
     see the module docstring. Only rank 0 writes; every rank returns the same result.
     """
     validate_config(cfg)
+    if resume and cfg.train.out_dir is None:
+        raise ConfigError("resuming needs the run directory: set train.out_dir (--out-dir DIR)")
+    if resume and overwrite:
+        raise ConfigError("resume continues the run in out_dir and overwrite replaces it: choose one")
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     env = setup_distributed(cfg.train.device)  # the group (if any) stays for later calls in this process
-    return _train(cfg, env, resume, model, splits, objective, callbacks)
+    if cfg.train.out_dir is None:  # one name for every rank: rank 0's
+        cfg = cfg.replace("train", out_dir=env.broadcast_object(str(default_out_dir(cfg)) if env.is_main else None))
+    return _train(cfg, env, resume, overwrite, model, splits, objective, callbacks)
 
 
-def _train(cfg: RunConfig, env: DistEnv, resume: bool, model: nn.Module | None, splits,
+def _load_for_resume(out: Path, cfg: RunConfig) -> tuple[dict, tuple]:
+    """The state of ``out/last.pt`` (checked against ``cfg``) and the file's identity at reading."""
+    path = out / "last.pt"
+    for note in recover(out):
+        _note(note)
+    if not path.exists():
+        raise CheckpointError(no_checkpoint_message(out), path)
+    saved = load_checkpoint(path)
+    _check_resumable(saved.get("config"), cfg, path)
+    st = path.stat()
+    return saved, (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def no_checkpoint_message(out: Path) -> str:
+    """Why ``out`` cannot be resumed, and how to start it again."""
+    if not out.is_dir():
+        return f"there is no run directory {out} to resume; start a run with --out-dir {out}"
+    left = [p.name for p in out.iterdir() if p.name not in (".lock",)]
+    if not left:
+        return f"run directory {out} is empty: there is nothing to resume; start a run with --out-dir {out}"
+    config = out / "config.yaml"
+    how = (f"stableflows train --config {config} --out-dir {out} --overwrite" if config.is_file()
+           else f"stableflows train ... --out-dir {out} --overwrite")
+    return (f"run directory {out} has no checkpoint yet (the run stopped before its first one, written at "
+            f"its first evaluation or on Ctrl-C); start it again with: {how}")
+
+
+def _open_collective(env: DistEnv, out: Path, resume: bool, overwrite: bool) -> RunDir | None:
+    """Rank 0 opens (locks) the run directory; every rank raises the same error if that fails."""
+    rundir, err = None, None
+    if env.is_main:
+        try:
+            rundir = open_run_dir(out, resume=resume, overwrite=overwrite)
+        except RunDirError as e:
+            err = str(e)
+    err = env.broadcast_object(err)
+    if err is not None:
+        raise RunDirError(err)
+    for note in rundir.notes if rundir is not None else ():
+        _note(note)
+    return rundir
+
+
+def _check_best_on_resume(tr: _Trainer) -> None:
+    """A resumed run trusts its best.pt only after it verifies; a missing one restarts the selection."""
+    path = tr.out / "best.pt"
+    if tr.best_step is None:
+        return
+    if not path.is_file():
+        _note(f"{path} is missing: the weights are selected again from the next evaluation on")
+        tr.best_val, tr.best_step = math.inf, None
+        return
+    try:
+        load_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e.reason}; move it away to resume without it (the weights are then selected "
+                              "again from the next evaluation on)", path) from e
+
+
+def _train(cfg: RunConfig, env: DistEnv, resume: bool, overwrite: bool, model: nn.Module | None, splits,
            objective: Objective | None, callbacks: Sequence[Callback]) -> TrainResult:
     device = env.device
     env.local_batch(cfg.train.batch_size)  # the global batch must split evenly over the ranks
     out = Path(cfg.train.out_dir)
-    saved = None
+    saved = stamp = None
     if resume:
-        saved = load_checkpoint(out / "last.pt")
-        _check_resumable(saved.get("config"), cfg, out / "last.pt")
+        saved, stamp = _load_for_resume(out, cfg)
+    else:  # quick refusal before the data are loaded (checked again under the lock)
+        check_reusable(out, overwrite=overwrite)
     if splits is None:
         from ..data import load_dataset
 
@@ -600,21 +764,85 @@ def _train(cfg: RunConfig, env: DistEnv, resume: bool, model: nn.Module | None, 
     tr = _Trainer(cfg, model, splits, objective, callbacks, device, env)
     if env.rank > 0:  # independent noise of stochastic estimators on each rank (rank 0 keeps the seed)
         torch.manual_seed(rank_seed(cfg.train.seed, env.rank))
-    out.mkdir(parents=True, exist_ok=True)
-    if saved is not None:
-        tr.load_state(saved)
+    tr.rundir = _open_collective(env, out, resume, overwrite)
+    try:
+        if saved is not None:
+            changed = False
+            if env.is_main:
+                st = (out / "last.pt").stat()
+                changed = (st.st_ino, st.st_size, st.st_mtime_ns) != stamp
+            if env.broadcast_object(changed):
+                raise RunDirError(f"{out / 'last.pt'} changed while this run was starting (another training "
+                                  "wrote it); start the resume again")
+            tr.load_state(saved, out / "last.pt")
+            _check_best_on_resume(tr)
+            if env.is_main:
+                tr.rewrite_jsonl()  # drop records written after the checkpoint
         if env.is_main:
-            tr.rewrite_jsonl()  # drop records written after the checkpoint
-    elif env.is_main:
-        for stale in ("metrics.jsonl", "best.pt", "last.pt"):
-            (out / stale).unlink(missing_ok=True)
-    if cfg.train.compile:  # after the data-dependent initialisation and the EMA copy (not compiled)
-        model.compile()
-    tr.start_distributed()
-    return _run(tr)
+            import yaml
+
+            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            tr._write("config.yaml", lambda p: atomic_write_text(p, text))
+        if cfg.train.compile:  # after the data-dependent initialisation and the EMA copy (not compiled)
+            model.compile()
+        tr.start_distributed()
+        return _run(tr, resumed=saved is not None)
+    finally:
+        if tr.rundir is not None:
+            tr.rundir.close()
 
 
-def _run(tr: _Trainer) -> TrainResult:
+class _StopOnSignal:
+    """SIGINT / SIGTERM set a flag (the loop stops after the step); a second one raises at once."""
+
+    NAMES = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.name: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    try:
+                        self._old[sig] = signal.signal(sig, self._handle)
+                    except (ValueError, OSError):  # pragma: no cover - e.g. an embedded interpreter
+                        pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.name is not None:
+            self._restore()
+            raise KeyboardInterrupt(f"second {name}: stopped at once (the previous checkpoint is kept)")
+        self.name = name
+        try:
+            print(f"stableflows: {name}: finishing this step and saving last.pt (send it again to stop at once)",
+                  file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # pragma: no cover - stderr closed
+            pass
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
+def _interrupted(tr: _Trainer, name: str) -> TrainingInterrupted:
+    if tr.saved_step != tr.step:
+        tr.check_weights()
+        tr.save_last()
+    return TrainingInterrupted(f"{name}: stopped after step {tr.step}; the state is saved in {tr.out / 'last.pt'}; "
+                               f"continue with: stableflows train --resume --out-dir {tr.out}",
+                               step=tr.step, path=tr.out / "last.pt", signal_name=name)
+
+
+def _run(tr: _Trainer, resumed: bool = False) -> TrainResult:
     t = tr.t
     session_steps, session_time = 0, 0.0
 
@@ -624,38 +852,55 @@ def _run(tr: _Trainer) -> TrainResult:
     def done() -> bool:  # the slowest rank's training time decides, so all ranks stop together
         return tr.step >= t.steps or (t.time_budget is not None and tr.env.max(tr.train_time) >= t.time_budget)
 
-    from tqdm.auto import tqdm
+    def mean_loss() -> float | None:
+        n = tr.accum.get("n", 0.0)
+        return tr.accum["loss"] / n if n and "loss" in tr.accum else None
 
     for cb in tr.callbacks:
-        cb("start", {"step": tr.step, "out_dir": str(tr.out)})
-    bar = tqdm(total=t.steps, initial=tr.step, disable=not (_progress_enabled(tr.cfg) and tr.env.is_main), desc="train",
-               dynamic_ncols=True, leave=True)
-    try:
-        while not done():
-            t0 = time.perf_counter()
-            with validation(False):  # every split was validated before the first step: no device reads
-                tr.train_step()
-            if tr.device.type == "cuda":
-                torch.cuda.synchronize(tr.device)
-            dt = time.perf_counter() - t0
-            tr.train_time += dt
-            session_time += dt
-            tr.step += 1
-            session_steps += 1
-            bar.update(1)
-            if tr.step % PROGRESS_EVERY == 0 and (m := tr.running_metric()) is not None:
-                bar.set_postfix_str(f"train {m[0]} {m[1]:.3f}")
-            if tr.step % t.eval_every == 0:
-                rec = tr.evaluate_and_checkpoint(rate())
-                bar.set_postfix_str(f"val {tr.metric} {rec[f'val_{tr.metric}']:.3f}")
-        if tr.last_eval_step != tr.step:
-            tr.evaluate_and_checkpoint(rate())
-    finally:
-        bar.close()
-    return _finish(tr, rate())
+        cb("start", {"step": tr.step, "out_dir": str(tr.out), "resumed": resumed})
+    progress = Progress(steps=t.steps, time_budget=t.time_budget, start_step=tr.step,
+                        enabled=t.progress and tr.env.is_main, log_every=t.log_every, metric=tr.metric)
+    last_eval = next((r for r in reversed(tr.history) if r.get("kind") == "eval"), None)
+    if last_eval is not None and last_eval.get(f"val_{tr.metric}") is not None:  # a resumed run
+        progress.val = (int(last_eval["step"]), float(last_eval[f"val_{tr.metric}"]))
+    finished = False
+    with _StopOnSignal() as stop:
+        try:
+            while not done():
+                t0 = time.perf_counter()
+                with validation(False):  # every split was validated before the first step: no device reads
+                    tr.train_step()
+                if tr.device.type == "cuda":
+                    torch.cuda.synchronize(tr.device)
+                dt = time.perf_counter() - t0
+                tr.train_time += dt
+                session_time += dt
+                tr.step += 1
+                session_steps += 1
+                progress.step(tr.step, tr.train_time, rate(), tr.running_metric(), mean_loss())
+                if tr.step % t.eval_every == 0:
+                    rec = tr.evaluate_and_checkpoint(rate())
+                    progress.evaluated(tr.step, rec[f"val_{tr.metric}"])
+                if tr.env.any(stop.name is not None):
+                    raise _interrupted(tr, stop.name or "SIGTERM")
+            finished = True
+            if tr.last_eval_step != tr.step:
+                tr.evaluate_and_checkpoint(rate())
+        finally:
+            progress.close(finished)
+    if session_steps == 0:  # nothing trained (a finished run resumed): keep the rate of the last session
+        last = next((r for r in reversed(tr.history) if r.get("kind") == "eval"), {})
+        return _finish(tr, float(last.get("steps_per_s") or 0.0), 0)
+    return _finish(tr, rate(), session_steps)
 
 
-def _finish(tr: _Trainer, rate: float) -> TrainResult:
+def _trains_density(tr: _Trainer) -> bool:
+    """Whether the objective fits p(x): likelihood, hybrid, or classification with the NF term."""
+    kind = getattr(tr.objective, "name", "likelihood")
+    return kind != "classification" or tr.t.nf_weight > 0
+
+
+def _finish(tr: _Trainer, rate: float, session_steps: int) -> TrainResult:
     t0 = time.perf_counter()
     best = tr.eval_model
     if (tr.out / "best.pt").is_file() and tr.best_step is not None:
@@ -671,15 +916,25 @@ def _finish(tr: _Trainer, rate: float) -> TrainResult:
         metric=tr.metric, best_val=tr.best_val if tr.best_step is not None else math.nan,
         best_step=tr.best_step, test=test, steps=tr.step, train_time=tr.train_time, eval_time=tr.eval_time,
         steps_per_s=rate, peak_rss_mb=peak_rss_mb(), nonfinite_steps=tr.nonfinite_total, out_dir=str(tr.out),
-        n_params=n_params, test_metrics=tests, history=tr.history + [record])
+        n_params=n_params, test_metrics=tests, session_steps=session_steps, history=tr.history + [record])
     summary = {**result.summary(), "data": tr.splits.name, "shape": list(tr.splits.shape), "levels": tr.levels,
                "device": str(tr.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "eval_seed": EVAL_SEED, "processes": tr.env.world_size, "config": tr.cfg.to_dict()}
+    written: tuple[list, dict] = ([], {})
     if tr.env.is_main:
         tr._append_jsonl(record)
-        summary["figures"] = write_figures(tr.out, best, tr.splits, tr.history, tr.metric, test=test,
-                                           best_step=tr.best_step)
-        atomic_write_text(tr.out / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        figures = write_figures(tr.out, best, tr.splits, tr.history, tr.metric, test=test, best_step=tr.best_step,
+                                density=_trains_density(tr), ema=tr.ema is not None)
+        summary["figures"] = figures
+        files = ["metrics.jsonl", "config.yaml", "last.pt"] + (["best.pt"] if tr.best_step is not None else [])
+        files += [figures[k] for k in ("curve", "samples") if k in figures]
+        summary["outputs"] = files = sorted(files + ["metrics.json"])
+        notes = {k[:-len("_error")]: v for k, v in figures.items() if k.endswith("_error")}
+        notes.update({k[:-len("_skipped")]: v for k, v in figures.items() if k.endswith("_skipped")})
+        summary["notes"] = notes
+        tr._write("metrics.json", lambda p: atomic_write_text(p, json.dumps(summary, indent=2, sort_keys=True) + "\n"))
+        written = (files, notes)
+    result.outputs, result.notes = tr.env.broadcast_object(written)
     tr.env.barrier()
     for cb in tr.callbacks:
         cb("end", summary)

@@ -2,7 +2,7 @@
 ``(loss, logs)``: a scalar to minimise and a flat dict of floats to average and log.
 
 Maximum likelihood on discrete data with ``L`` levels uses uniform dequantisation (Theis et al.
-2016; DESIGN.md): ``v = (x + u) / L`` with fresh ``u ~ U[0,1)^D`` every batch (the loop draws
+2016; docs/METRICS.md): ``v = (x + u) / L`` with fresh ``u ~ U[0,1)^D`` every batch (the loop draws
 ``u``), and the loss is the mean bits/dim
 
     bpd = -(log p(v) - D ln L) / (D ln 2),

@@ -1,10 +1,12 @@
 """PNG figures of a run: the training curve, a grid of image samples, a scatter of 2-D samples.
 
 Drawn with matplotlib's Agg canvas directly (no pyplot), so importing this module never changes
-the backend of an interactive session.
+the backend of an interactive session. Every PNG is written atomically (a kill leaves the previous
+file or the new one).
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -13,9 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["image_shape", "to_unit_images", "save_curve", "save_sample_grid", "save_scatter"]
+__all__ = ["image_shape", "to_unit_images", "save_curve", "curve_figure", "save_sample_grid", "save_scatter",
+           "write_figures"]
 
 GRID_PAD = 1  # pixels of padding between images of a grid
+SCATTER_QUANTILE = 0.005  # the scatter's view spans the 0.5 %..99.5 % quantiles of all points (+ margin)
+SCATTER_MARGIN = 0.05
 
 
 def _figure(width: float, height: float):
@@ -25,6 +30,14 @@ def _figure(width: float, height: float):
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _save(fig, path: str | Path) -> None:
+    from .checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def image_shape(shape: Sequence[int]) -> tuple[int, int, int] | None:
@@ -77,33 +90,61 @@ def save_sample_grid(path: str | Path, panels: Mapping[str, np.ndarray]) -> None
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
+
+
+def _square_view(points: list[np.ndarray]) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """Common square limits of the panels: quantiles of all finite points, plus a margin."""
+    pts = np.concatenate([p for p in points if len(p)]) if any(len(p) for p in points) else np.empty((0, 2))
+    if not len(pts):
+        return None
+    lo = np.quantile(pts, SCATTER_QUANTILE, axis=0)
+    hi = np.quantile(pts, 1.0 - SCATTER_QUANTILE, axis=0)
+    centre, half = (lo + hi) / 2.0, max(float(np.max(hi - lo)) / 2.0, 1e-6) * (1.0 + SCATTER_MARGIN)
+    return (centre[0] - half, centre[0] + half), (centre[1] - half, centre[1] + half)
 
 
 def save_scatter(path: str | Path, panels: Mapping[str, Tensor | np.ndarray]) -> None:
-    """One scatter per entry (title -> ``(n, 2)`` points); non-finite points are dropped and counted."""
+    """One scatter per entry (title -> ``(n, 2)`` points) on the same square view; non-finite points
+    are dropped and counted, points outside the view are counted."""
     fig = _figure(3.2 * len(panels), 3.4)
-    first = None
-    for i, (title, pts) in enumerate(panels.items()):
-        pts = np.asarray(pts.detach().cpu() if torch.is_tensor(pts) else pts, dtype=np.float64)
-        finite = np.isfinite(pts).all(axis=1)
-        ax = fig.add_subplot(1, len(panels), i + 1, sharex=first, sharey=first)
-        first = first or ax
-        ax.scatter(pts[finite, 0], pts[finite, 1], s=2, alpha=0.5)
-        dropped = int((~finite).sum())
-        ax.set_title(title + (f" ({dropped} non-finite)" if dropped else ""), fontsize=9)
-        ax.set_aspect("equal", adjustable="datalim")
+    clouds = {}
+    for title, pts in panels.items():
+        pts = np.asarray(pts.detach().cpu() if torch.is_tensor(pts) else pts, dtype=np.float64).reshape(-1, 2)
+        clouds[title] = (pts[np.isfinite(pts).all(axis=1)], int((~np.isfinite(pts).all(axis=1)).sum()))
+    view = _square_view([c for c, _ in clouds.values()])
+    for i, (title, (pts, dropped)) in enumerate(clouds.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
+        notes = [f"{dropped} non-finite"] if dropped else []
+        if view is not None:
+            (x0, x1), (y0, y1) = view
+            outside = int(((pts[:, 0] < x0) | (pts[:, 0] > x1) | (pts[:, 1] < y0) | (pts[:, 1] > y1)).sum())
+            if outside:
+                notes.append(f"{outside} outside the view")
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y0, y1)
+        ax.set_aspect("equal", adjustable="box")
+        ax.set_title(title + (f" ({', '.join(notes)})" if notes else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def save_curve(path: str | Path, history: Sequence[Mapping], metric: str, *, test: float | None = None,
-               best_step: int | None = None) -> None:
-    """Train and validation ``metric`` against step, the selected step and the test value."""
+               best_step: int | None = None, ema: bool = True) -> None:
+    """Train and validation ``metric`` against step, the selected step and the test value
+    (validation of the EMA weights when ``ema``, else of the live weights)."""
+    _save(curve_figure(history, metric, test=test, best_step=best_step, ema=ema), path)
+
+
+def curve_figure(history: Sequence[Mapping], metric: str, *, test: float | None = None,
+                 best_step: int | None = None, ema: bool = True):
+    """The figure of :func:`save_curve`."""
     evals = [r for r in history if r.get("kind") == "eval"]
     fig = _figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    for key, style, label in ((f"train_{metric}", "-", "train (running mean)"), (f"val_{metric}", "o-", "validation (EMA)")):
+    val_label = "validation (EMA weights)" if ema else "validation"
+    for key, style, label in ((f"train_{metric}", "-", "train (running mean)"), (f"val_{metric}", "o-", val_label)):
         pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
         if pts:
             xs, ys = zip(*pts)
@@ -117,7 +158,7 @@ def save_curve(path: str | Path, history: Sequence[Mapping], metric: str, *, tes
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
 
 
 SAMPLE_TEMPERATURES = (1.0, 0.7)  # samples.png panels (Glow, Kingma & Dhariwal 2018, sec. 5)
@@ -126,24 +167,33 @@ N_SAMPLES_TOY = 2000
 
 
 def write_figures(out: str | Path, flow, splits, history: Sequence[Mapping], metric: str, *,
-                  test: float | None = None, best_step: int | None = None) -> dict:
+                  test: float | None = None, best_step: int | None = None, density: bool = True,
+                  ema: bool = True) -> dict:
     """``curve.png`` and ``samples.png`` (image grid at T = 1.0 and 0.7, or a 2-D scatter) of a run.
 
-    Returns what was written and how many samples were non-finite; a failure to sample is
-    recorded (``samples_error``), never raised, so a finished run keeps its metrics.
+    Returns the files written (``curve``, ``samples``) and how many samples were non-finite. A
+    failure is recorded (``curve_error``, ``samples_error``), never raised, so a finished run keeps
+    its metrics; a ``samples.png`` of an earlier session is then removed, so what the directory holds
+    is what this call wrote. ``density=False`` (a classifier trained without a density term, whose
+    samples would be noise) draws none and says why (``samples_skipped``).
     """
     from ..transforms.base import StableflowsError
     from .evaluate import draw_samples
 
     out = Path(out)
     info: dict = {}
-    save_curve(out / "curve.png", history, metric, test=test, best_step=best_step)
-    info["curve"] = "curve.png"
-    img = image_shape(splits.shape) if splits.levels is not None else None
-    if not callable(getattr(flow, "sample", None)):
-        return info
     try:
-        if img is not None:
+        save_curve(out / "curve.png", history, metric, test=test, best_step=best_step, ema=ema)
+        info["curve"] = "curve.png"
+    except (OSError, RuntimeError, ValueError) as e:
+        info["curve_error"] = f"{type(e).__name__}: {e}"
+    img = image_shape(splits.shape) if splits.levels is not None else None
+    try:
+        if not density:
+            info["samples_skipped"] = "the objective does not fit p(x) (classification without --nf-weight)"
+        elif not callable(getattr(flow, "sample", None)):
+            info["samples_skipped"] = f"{type(flow).__name__} has no sample()"
+        elif img is not None:
             panels, bad = {}, {}
             for temp in SAMPLE_TEMPERATURES:
                 v = draw_samples(flow, N_SAMPLES_IMAGE, temp)
@@ -155,6 +205,10 @@ def write_figures(out: str | Path, flow, splits, history: Sequence[Mapping], met
             save_scatter(out / "samples.png", {"data (test)": splits.test[:N_SAMPLES_TOY], "samples": v})
             info.update(samples="samples.png",
                         samples_nonfinite={"1.0": int((~torch.isfinite(v)).any(dim=1).sum())})
-    except (StableflowsError, RuntimeError, ValueError) as e:
+        else:
+            info["samples_skipped"] = f"no picture for data of shape {tuple(splits.shape)}"
+    except (StableflowsError, RuntimeError, ValueError, OSError) as e:
         info["samples_error"] = f"{type(e).__name__}: {e}"
+    if "samples" not in info:
+        (out / "samples.png").unlink(missing_ok=True)
     return info

@@ -14,7 +14,7 @@ steps" count steps through :meth:`set_step` (the loop, or :class:`stableflows.me
 sets it); without it the objective counts its own training-mode calls.
 
 :meth:`evaluate` gives accuracy, cross-entropy and bits/dim of a split with the fixed test-time
-dequantisation noise (DESIGN.md).
+dequantisation noise (docs/METRICS.md).
 """
 from __future__ import annotations
 
@@ -148,16 +148,17 @@ OBJECTIVES = ("classification", "hybrid")
 
 
 def make_objective(kind: str, *, fd_forward: float = 0.0, fd_inverse: float = 0.0, fd_eps: float = FD_EPS,
-                   fd_every: int = FD_EVERY, nf_weight: float = 0.0, lam: float | None = None,
+                   fd_every: int = FD_EVERY, fd_mode: str = "fd", nf_weight: float = 0.0, lam: float | None = None,
                    label_smoothing: float = 0.0) -> _Supervised:
     """The supervised objective ``kind`` from flat options (what config fields / CLI flags map onto):
     FD weights of the forward and inverse terms (0 disables a term), step ``fd_eps``, every
-    ``fd_every`` steps; ``nf_weight`` of the NF regularizer (classification only; 0 disables);
-    ``lam`` of the hybrid objective (None: the model's)."""
+    ``fd_every`` steps, ``fd_mode`` (``"fd"`` finite differences | ``"jvp"`` exact ``||J d||^2``);
+    ``nf_weight`` of the NF regularizer (classification only; 0 disables); ``lam`` of the hybrid
+    objective (None: the model's)."""
     fd = None
     if fd_forward > 0 or fd_inverse > 0:
         fd = FiniteDifferenceRegularizer(weight_forward=fd_forward, weight_inverse=fd_inverse, eps=fd_eps,
-                                         every=fd_every)
+                                         every=fd_every, mode=fd_mode)
     if kind == "classification":
         nf = FlowObjectiveRegularizer(weight=nf_weight) if nf_weight > 0 else None
         return ClassificationObjective(fd=fd, nf=nf, label_smoothing=label_smoothing)
@@ -174,7 +175,7 @@ def evaluate_classifier(model: nn.Module, x: Tensor, y: Tensor, levels: int | No
     """Accuracy, error, mean cross-entropy and mean bits/dim (nats/dim on continuous data) of a split.
 
     ``x`` holds integer levels for discrete data, dequantised with the fixed noise of ``seed``
-    (DESIGN.md). Non-finite densities are reported as computed; the random streams do not move.
+    (docs/METRICS.md). Non-finite densities are reported as computed; the random streams do not move.
     """
     device = next((p.device for p in model.parameters()), x.device)
     was = model.training

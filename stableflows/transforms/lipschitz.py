@@ -18,11 +18,19 @@ with ``||.||`` an induced operator norm of the *layer as a map* (``norm=``):
   exact whenever the input is at least as large as the kernel (a border output sees fewer taps),
   an upper bound otherwise.
 * ``"one"`` (p = q = 1): exact, largest absolute column sum (convolution: per input channel).
+* ``"mixed"`` (Chen et al. 2019, app. D; linear layers): the induced mixed norm
+  ``||W||_{p->q} = sup ||W x||_q / ||x||_p`` with orders ``p`` (domain) and ``q`` (codomain) that are
+  learned (:class:`NormOrder`, ``p = 2 + tanh(s) / 2`` in (1.5, 2.5) as the paper's CIFAR-10 runs,
+  ``s`` initialised to 0, i.e. the spectral norm at the start), estimated by the generalised power
+  method (:func:`mixed_power_iteration`; Higham 1992, Johnston 2016's QETLAB), whose last step is
+  differentiable so the orders get gradients. :func:`chain_orders` makes a branch's layers share
+  orders, ``p_0 -> p_1 -> ... -> p_0`` (app. D eq. 17), so ``Lip(g) <= prod_l c_l`` in ``||.||_{p_0}``.
+  The power method gives a lower estimate of the norm (exact for ``p = q = 2``, and where the
+  iteration reaches the global maximum), as spectral normalisation does.
 
-Mixed norms ``p -> q`` with ``p != q`` and learned orders (Chen et al. 2019, app. D) are not
-implemented. A residual branch ``g`` built only from layers of one norm and activations with
-``|phi'| <= 1`` has ``Lip(g) <= prod_l c_l`` in that norm (sub-multiplicativity, app. D eq. 16-17);
-:func:`lipschitz_bound` computes that product.
+A residual branch ``g`` built only from layers of one norm and activations with ``|phi'| <= 1`` has
+``Lip(g) <= prod_l c_l`` in that norm (sub-multiplicativity, app. D eq. 16-17); :func:`lipschitz_bound`
+computes that product (for mixed norms only when the orders are chained).
 
 Evaluation mode (and :func:`frozen_normalization`) runs no iteration: the norm is ``u^T W v`` with
 the stored vectors, a deterministic function of the current ``W``.
@@ -52,9 +60,15 @@ __all__ = [
     "lipschitz_bound",
     "operator_matrix",
     "compute_lipschitz_exact",
+    "NormOrder",
+    "dual_vector",
+    "mixed_power_iteration",
+    "mixed_norm_step",
+    "chain_orders",
+    "orders_chained",
 ]
 
-NORMS = ("spectral", "inf", "one")
+NORMS = ("spectral", "inf", "one", "mixed")
 VECTOR_NORM_EPS = 1e-12  # floor of ||u||, ||v|| in power iteration (a zero weight gives sigma = 0)
 DEFAULT_COEFF = 0.98  # Residual Flows (i-ResNet used 0.9)
 DEFAULT_POWER_RTOL = 1e-4  # relative change of sigma that ends the adaptive power iteration
@@ -133,6 +147,8 @@ class _LipschitzMixin:
             sigma = (self.u.clone() * self._matvec(w, self.v.clone())).sum()
         elif self.norm == "inf":
             sigma = self._inf_norm(w)
+        elif self.norm == "mixed":
+            sigma = self._mixed_norm(update)
         else:
             sigma = self._one_norm(w)
         with torch.no_grad():
@@ -159,6 +175,8 @@ class _LipschitzMixin:
         ``rtol`` defaults to a few machine epsilons of the weight's dtype."""
         if rtol is None:
             rtol = INIT_POWER_RTOL_EPS * torch.finfo(self.weight.dtype).eps
+        if self.norm == "mixed":
+            self._mixed_refresh(rtol, max_iter)
         if self.norm == "spectral" and self.v.numel() > 0:
             self._power_iteration(1, max_iter, 0.0, rtol)
         if self.norm != "spectral" or self.v.numel() > 0:
@@ -183,12 +201,20 @@ class LipschitzLinear(_LipschitzMixin, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, coeff: float = DEFAULT_COEFF,
                  norm: str = "spectral", n_power_iter: int = 1, atol: float | None = DEFAULT_POWER_ATOL,
-                 rtol: float | None = DEFAULT_POWER_RTOL, max_iter: int = DEFAULT_MAX_POWER_ITER):
+                 rtol: float | None = DEFAULT_POWER_RTOL, max_iter: int = DEFAULT_MAX_POWER_ITER,
+                 domain: "NormOrder | float | None" = None, codomain: "NormOrder | float | None" = None):
         nn.Linear.__init__(self, in_features, out_features, bias=bias)
         self._init_lipschitz(coeff, norm, n_power_iter, atol, rtol, max_iter)
+        if norm == "mixed":  # orders p (domain) and q (codomain): learned unless given as numbers
+            self.domain = domain if isinstance(domain, NormOrder) else NormOrder(domain)
+            self.codomain = codomain if isinstance(codomain, NormOrder) else NormOrder(codomain)
+        elif domain is not None or codomain is not None:
+            raise ValueError(f"domain / codomain norm orders need norm='mixed', got norm={norm!r}")
         gen = torch.Generator().manual_seed(_POWER_INIT_SEED)
         shape_u, shape_v = (out_features,), (in_features,)
-        if norm != "spectral":  # no iteration: empty placeholders keep one state_dict layout
+        if norm == "mixed":
+            shape_u = (0,)  # the mixed power method keeps only its domain vector
+        elif norm != "spectral":  # no iteration: empty placeholders keep one state_dict layout
             shape_u = shape_v = (0,)
         self.register_buffer("u", _normalize(torch.randn(shape_u, generator=gen)).to(self.weight.dtype))
         self.register_buffer("v", _normalize(torch.randn(shape_v, generator=gen)).to(self.weight.dtype))
@@ -232,6 +258,8 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
         if not isinstance(kernel_size, int):
             raise ValueError(f"kernel_size must be an int (square kernels), got {kernel_size!r}")
         padding = kernel_size // 2 if padding is None else int(padding)
+        if norm == "mixed":
+            raise ValueError("norm='mixed' (induced mixed norms) is implemented for LipschitzLinear only")
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         self._init_lipschitz(coeff, norm, n_power_iter, atol, rtol, max_iter)
         # (1, C_in, H, W) / (1, C_out, H', W') once the input size is known
@@ -348,7 +376,7 @@ def power_iteration_buffers(module: nn.Module) -> set[str]:
     the averaged weight (it is shorter, so ``u^T W v`` underestimates the norm), so weight averaging
     must copy them and re-converge (:func:`refresh_normalization`), never average them."""
     return {f"{name}.{b}" if name else b for name, m in module.named_modules()
-            if isinstance(m, _LipschitzMixin) and m.norm == "spectral" for b in ("u", "v")}
+            if isinstance(m, _LipschitzMixin) and m.norm in ("spectral", "mixed") for b in ("u", "v")}
 
 
 class RefreshOnEval:
@@ -385,6 +413,8 @@ def lipschitz_bound(module: nn.Module) -> float | None:
             bound *= float(child.lipschitz)
         else:
             return None
+    if norms == {"mixed"} and not orders_chained(module):
+        return None
     return bound if len(norms) <= 1 else None
 
 
@@ -421,3 +451,146 @@ def compute_lipschitz_exact(layer: nn.Module, input_shape: Sequence[int] | None 
     if norm == "one":
         return float(m.abs().sum(dim=0).max())
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+# ----------------------------------------------------------------------------- induced mixed norms
+MIXED_ORDER_CENTRE, MIXED_ORDER_HALF_WIDTH = 2.0, 0.5  # p = 2 + tanh(s) / 2 in (1.5, 2.5) (002 app. D)
+MIXED_STARTS = 8  # random starts of the mixed power method when its vector is (re)initialised
+DUAL_EPS = 1e-30  # floor of ||y||_q in the dual vector (a zero vector stays zero)
+
+
+class NormOrder(nn.Module):
+    """A vector-norm order ``p`` for :class:`LipschitzLinear` with ``norm="mixed"``.
+
+    Learned (``value=None``): ``p = 2 + tanh(s) / 2`` with a parameter ``s`` initialised to 0 (p = 2),
+    the parameterisation of Chen et al. 2019, app. D (orders in (1.5, 2.5)). Fixed: ``value`` in
+    ``(1, inf)`` as a buffer (``norm="one"`` / ``"inf"`` cover 1 and inf exactly). One instance may be shared by the codomain of one layer and the domain
+    of the next (:func:`chain_orders`)."""
+
+    def __init__(self, value: float | None = None):
+        super().__init__()
+        if value is None:
+            self.raw = nn.Parameter(torch.zeros(()))
+        else:
+            if not (1.0 < float(value) < math.inf):  # p = 1 and inf have exact norms: "one", "inf"
+                raise ValueError(f"a mixed-norm order must lie in (1, inf), got {value}")
+            self.register_buffer("fixed", torch.tensor(float(value)))
+
+    @property
+    def learned(self) -> bool:
+        return hasattr(self, "raw")
+
+    def forward(self) -> Tensor:
+        if self.learned:
+            return MIXED_ORDER_CENTRE + MIXED_ORDER_HALF_WIDTH * torch.tanh(self.raw)
+        return self.fixed
+
+    def extra_repr(self) -> str:
+        return "learned" if self.learned else f"p={float(self.fixed):g}"
+
+
+def _pnorm(x: Tensor, p: Tensor) -> Tensor:
+    """``||x||_p`` of a vector, scaled by its largest entry (no overflow / underflow of ``|x|^p``)."""
+    m = x.detach().abs().max().clamp_min(DUAL_EPS)
+    return m * ((x / m).abs().pow(p).sum()).pow(1.0 / p)
+
+
+def dual_vector(y: Tensor, q: Tensor) -> Tensor:
+    """``sign(y) |y|^(q-1) / ||y||_q^(q-1)``: the unit vector of the dual norm ``q* = q / (q - 1)`` with
+    ``<dual, y> = ||y||_q`` (for ``q = 2``: ``y / ||y||_2``). Scaled by ``max |y|``."""
+    m = y.detach().abs().max().clamp_min(DUAL_EPS)
+    t = y / m
+    return torch.sign(t) * t.abs().pow(q - 1.0) / _pnorm(t, q).clamp_min(DUAL_EPS).pow(q - 1.0)
+
+
+def mixed_norm_step(matvec, rmatvec, v: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of the generalised power method for ``||A||_{p->q}`` from ``v`` (``||v||_p = 1``):
+    ``y = A v``, ``x = dual_{p*}(A^T dual_q(y))`` (``||x||_p = 1``), estimate ``||A x||_q``. Returns
+    ``(x, ||A x||_q)``; differentiable in ``A``, ``p`` and ``q`` when they carry gradients."""
+    y = matvec(v)
+    z = rmatvec(dual_vector(y, q))
+    p_star = p / (p - 1.0)
+    x = dual_vector(z, p_star)
+    return x, _pnorm(matvec(x), q)
+
+
+def mixed_power_iteration(matvec, rmatvec, v: Tensor, p: Tensor, q: Tensor, *, n_min: int = 1,
+                          max_iter: int = DEFAULT_MAX_POWER_ITER, atol: float | None = DEFAULT_POWER_ATOL,
+                          rtol: float | None = DEFAULT_POWER_RTOL) -> tuple[Tensor, float | Tensor, int]:
+    """Iterate :func:`mixed_norm_step` without gradients until the estimate changes by at most
+    ``atol + rtol * sigma`` (at least ``n_min`` steps, at most ``max_iter``); ``(v, sigma, steps)``.
+    With ``atol = rtol = None``: exactly ``n_min`` steps and ``sigma`` a 0-d tensor (no device read).
+    The estimate never decreases (the step maximises a convex function's linearisation)."""
+    with torch.no_grad():
+        p, q = p.detach(), q.detach()
+        v = v / _pnorm(v, p).clamp_min(DUAL_EPS)
+        adaptive = atol is not None or rtol is not None
+        prev, sigma, it = -math.inf, 0.0, 0
+        while it < max_iter:
+            it += 1
+            v, s = mixed_norm_step(matvec, rmatvec, v, p, q)
+            if not adaptive:  # a fixed number of steps: no device read (the estimate stays a tensor)
+                if it >= n_min:
+                    sigma = s
+                    break
+                continue
+            sigma = float(s)
+            if it >= n_min and abs(sigma - prev) <= (atol or 0.0) + (rtol or 0.0) * sigma:
+                break
+            prev = sigma
+    return v, sigma, it
+
+
+def _mixed_norm(self, update: bool) -> Tensor:
+    """``||W||_{p->q}`` of a mixed-norm layer: the iteration (training mode, not frozen) without
+    gradients, then one differentiable step from the stored vector (gradients to W, p and q)."""
+    w = self.weight
+    p, q = self.domain(), self.codomain()
+    if update:
+        v, _, it = mixed_power_iteration(lambda t: w.detach() @ t, lambda t: w.detach().t() @ t, self.v, p, q,
+                                         n_min=self.n_power_iter, max_iter=self.max_iter, atol=self.atol,
+                                         rtol=self.rtol)
+        with torch.no_grad():
+            self.v.copy_(v)
+        self.stats = {"power_iterations": float(it)}
+    _, sigma = mixed_norm_step(lambda t: w @ t, lambda t: w.t() @ t, self.v.clone(), p, q)
+    return sigma
+
+
+def _mixed_refresh(self, rtol: float, max_iter: int) -> None:
+    """Converge the mixed power method for the current weights and orders from the stored vector and
+    :data:`MIXED_STARTS` random ones (a fixed generator); keep the vector of the largest estimate."""
+    w = self.weight.detach()
+    p, q = self.domain().detach(), self.codomain().detach()
+    gen = torch.Generator().manual_seed(_POWER_INIT_SEED + 1)
+    starts = [self.v.detach()] + [torch.randn(self.v.shape, generator=gen).to(w) for _ in range(MIXED_STARTS)]
+    best_v, best = None, -math.inf
+    for v0 in starts:
+        v, sigma, _ = mixed_power_iteration(lambda t: w @ t, lambda t: w.t() @ t, v0, p, q, max_iter=max_iter,
+                                            atol=0.0, rtol=rtol)
+        if sigma > best:
+            best_v, best = v, sigma
+    with torch.no_grad():
+        self.v.copy_(best_v)
+
+
+_LipschitzMixin._mixed_norm = _mixed_norm
+_LipschitzMixin._mixed_refresh = _mixed_refresh
+
+
+def chain_orders(branch: nn.Module) -> nn.Module:
+    """Share the norm orders of the mixed-norm layers of ``branch`` (in order) as app. D eq. 17 needs:
+    layer ``l``'s codomain is layer ``l+1``'s domain, the last layer's codomain the first's domain,
+    so ``||J_g||_{p_0} <= prod_l ||W_l||_{p_l -> p_{l+1}}``. In place; returns ``branch``."""
+    layers = [m for m in branch.modules() if isinstance(m, _LipschitzMixin) and m.norm == "mixed"]
+    for a, b in zip(layers, layers[1:] + layers[:1]):
+        a.codomain = b.domain
+    for layer in layers:
+        layer.refresh_norm()
+    return branch
+
+
+def orders_chained(branch: nn.Module) -> bool:
+    """True when the mixed-norm layers of ``branch`` form the closed chain of :func:`chain_orders`."""
+    layers = [m for m in branch.modules() if isinstance(m, _LipschitzMixin) and m.norm == "mixed"]
+    return all(a.codomain is b.domain for a, b in zip(layers, layers[1:] + layers[:1]))
