@@ -143,3 +143,16 @@ def test_progress_lines_are_rate_limited_and_carry_eta(capsys):
     lines = [l for l in capsys.readouterr().out.splitlines() if l]
     assert len(lines) == 2 and lines[0].startswith("[exp] model A: step 10/100 (10%), loss 2.5")
     assert "ETA" in lines[1] and "step 30/100" in lines[1]
+
+
+def test_paired_claim_with_an_infinite_baseline_counts_as_a_win():
+    """A finite reconstruction error against an infinite one beats it (diff -inf), seed by seed."""
+    import math
+
+    from stableflows.experiments._common import Claim, paired
+
+    runs = [[{"m": "A", "e": 1e-3}, {"m": "B", "e": math.inf}], [{"m": "A", "e": 2e-3}, {"m": "B", "e": 1e-3}],
+            [{"m": "A", "e": math.nan}, {"m": "B", "e": 1.0}]]
+    c = paired(runs, Claim("A < B", "e", {"m": "A"}, {"m": "B"}))
+    assert c["n"] == 2 and c["skipped_seeds"] == 1 and c["wins"] == 1
+    assert c["diffs"][0] == -math.inf and c["diffs"][1] == pytest.approx(1e-3)

@@ -167,25 +167,33 @@ def _select(rows: Sequence[dict], sel: dict) -> dict | None:
 
 
 def paired(runs: Sequence[Sequence[dict]], claim: Claim) -> dict:
-    """Per-seed differences ``A - B`` of ``claim.metric`` (seeds where both rows exist and are
-    finite), their mean and std, and on how many seeds A beats B in the claimed direction."""
+    """Per-seed differences ``A - B`` of ``claim.metric``, their mean and std, and on how many seeds A
+    beats B in the claimed direction. An infinite value on one side (an infinite reconstruction
+    error, condition number) gives an infinite difference of that sign: it counts as a win or a loss
+    and makes the mean infinite; seeds with a missing or NaN value (or inf on both sides) are skipped."""
     diffs, skipped = [], 0
     for rows in runs:
         ra, rb = _select(rows, claim.a), _select(rows, claim.b)
         va = _number(ra.get(claim.metric)) if ra else None
         vb = _number(rb.get(claim.metric)) if rb else None
-        if va is None or vb is None or not (math.isfinite(va) and math.isfinite(vb)):
+        if va is None or vb is None or math.isnan(va) or math.isnan(vb) or (math.isinf(va) and math.isinf(vb)):
             skipped += 1
             continue
         diffs.append(va - vb)
     n = len(diffs)
     wins = sum(1 for d in diffs if (d < 0 if claim.lower else d > 0))
-    mean = sum(diffs) / n if n else math.nan
-    std = statistics.stdev(diffs) if n > 1 else (0.0 if n == 1 else math.nan)
+    finite = [d for d in diffs if math.isfinite(d)]
+    if n and len(finite) < n:
+        mean = math.inf if all(d > 0 for d in diffs if not math.isfinite(d)) else (
+            -math.inf if all(d < 0 for d in diffs if not math.isfinite(d)) else math.nan)
+        std = math.nan
+    else:
+        mean = sum(diffs) / n if n else math.nan
+        std = statistics.stdev(diffs) if n > 1 else (0.0 if n == 1 else math.nan)
     return {"claim": claim.text, "metric": claim.metric, "a": claim.a, "b": claim.b, "lower_is_better": claim.lower,
             "diff_mean": mean, "diff_std": std, "n": n, "wins": wins, "skipped_seeds": skipped, "diffs": diffs,
             "holds_on_every_seed": n > 0 and wins == n,
-            "beyond_spread": n > 1 and abs(mean) > 2 * std / math.sqrt(n) and wins == n}
+            "beyond_spread": n > 1 and wins == n and (math.isinf(mean) or abs(mean) > 2 * std / math.sqrt(n))}
 
 
 def _cell(v: Any) -> str:

@@ -318,6 +318,7 @@ def gradient_angle_curve(out_dir: Path, *, quick: bool = False, seed: int = 0, d
                          data_dir: str | None = None, scale: str = "sigmoid", **overrides) -> dict:
     """000 Fig. 1: gradient angle (stored vs memory-saving) over training, additive vs affine."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     st = dict(DIGITS_SETTINGS, angle_every=10)
     if quick:
         st.update(levels=1, steps_per_level=2, hidden=16, steps=40, angle_every=5, track_every=10)
