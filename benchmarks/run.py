@@ -6,7 +6,7 @@
     python -m benchmarks.run --only quality,audit_speed
     python -m benchmarks.run --skip peers
     python -m benchmarks.run --quick              # every benchmark at a smoke-test size: checks that
-                                                  # they run (a few minutes); its figures mean nothing
+                                                  # they run (the audit stays full size); no figures
     make bench ARGS="--only memory_saving"
 
 Each benchmark is its own process (the commands of the README, with their JSON written under

@@ -217,7 +217,7 @@ def test_paired_timing_sees_a_planted_delay():
 
     from stableflows.bench.paired import paired_step_times
 
-    delay = 0.02  # seconds slept in every log_prob of the slow copy: a lower bound on its extra cost
+    delay = 0.05  # seconds slept in every log_prob of the slow copy: a lower bound on its extra cost
 
     def slow_log_prob(m, v, _f=None):
         time.sleep(delay)
@@ -232,7 +232,8 @@ def test_paired_timing_sees_a_planted_delay():
     out = paired_step_times(["fast", "slow"], s, rounds=2, steps=2, warmup=1, contenders={"fast": fast, "slow": slow})
     f, sl = out["models"]
     assert out["rounds"] == 2 and len(f["rounds_ms"]) == len(sl["rounds_ms"]) == 2
-    assert sl["ms_per_step"] - f["ms_per_step"] >= 0.9 * 1e3 * delay
+    # the sleep is a lower bound; the margin absorbs the fast copy's own jitter on a loaded host
+    assert sl["ms_per_step"] - f["ms_per_step"] >= 0.6 * 1e3 * delay
     assert f["ratio_to_first"] == 1.0 and sl["ratio_to_first"] == pytest.approx(f["ms_per_step"] / sl["ms_per_step"])
     with pytest.raises(ValueError):
         paired_step_times([], s)

@@ -80,3 +80,15 @@ def test_tracing_records_tensors_and_reads_them_once_asked():
     stats = [r.stats for r in t.records if "min_scale" in r.raw_stats]  # read now, all records at once
     assert all(type(s["min_scale"]) is float and 0 < s["min_scale"] < 1 for s in stats)
     assert all(type(r.raw_stats["min_scale"]) is float for r in t.records if "min_scale" in r.raw_stats)
+
+
+@pytest.mark.parametrize("norm", ["spectral", "inf", "one", "mixed"])
+def test_residual_flow_of_every_norm_reads_once(norm):
+    from stableflows.models import resflow
+    from stableflows.transforms.lipschitz import NORMS
+
+    assert norm in NORMS
+    flow = resflow(shape=(4,), levels=1, steps_per_level=2, hidden=8, norm=norm)
+    x = 0.05 + 0.9 * torch.rand(BATCH, 4)
+    assert training_step_syncs(flow, flow.log_prob, x) == 1
+    assert eval_syncs(flow, flow.log_prob, x) == 0

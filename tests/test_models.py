@@ -137,7 +137,7 @@ def test_entry_validation_names_dtype_empty_batch_and_the_logit_domain():
     layers are not re-checked, and ``validation(False)`` switches the checks off."""
     from stableflows.transforms.base import InputOutsideDomain, validation
 
-    flow = glow(shape=(1, 8, 8), hidden=8, steps_per_level=1)  # float64 (fixture)
+    flow = glow(shape=(1, 8, 8), hidden=8, steps_per_level=1, logit_alpha=0.05)  # float64 (fixture)
     _init(flow, (1, 8, 8))
     x = torch.rand(3, 1, 8, 8) * 0.9 + 0.05
     for call in (flow.log_prob, flow.forward):
@@ -150,8 +150,8 @@ def test_entry_validation_names_dtype_empty_batch_and_the_logit_domain():
     with pytest.raises(ShapeError, match="empty batch"):
         flow.inverse(torch.randn(0, 64))
     bad = x.clone()
-    bad[0, 0, 3, 3] = 1.5  # outside Logit(0.05)'s domain (-0.0556, 1.0556)
-    with pytest.raises(InputOutsideDomain, match=r"Logit\(alpha=0\.05\) needs inputs in the open interval"):
+    bad[0, 0, 3, 3] = 1.5  # outside the Logit's domain (-a / (1 - 2a), (1 - a) / (1 - 2a)) for any alpha < 0.25
+    with pytest.raises(InputOutsideDomain, match=r"Logit\(alpha=[0-9.e-]+\) needs inputs in the open interval"):
         flow.log_prob(bad)
     with validation(False):  # off: no check, the logit of a negative number is NaN
         assert torch.isnan(flow.log_prob(bad)[0]) and torch.isfinite(flow.log_prob(bad)[1:]).all()
@@ -177,3 +177,23 @@ def test_nested_layers_trust_the_checked_input():
     flow.log_prob(torch.rand(2, 1, 8, 8) * 0.9 + 0.05)
     flow.inverse(torch.randn(2, 64))
     assert calls == []
+
+
+def test_configs_of_earlier_checkpoints_rebuild_the_same_model():
+    """Checkpoints written before issue 16 store power_atol = 1e-6, power_rtol = 1e-4 and no
+    train.compile: they still parse, rebuild the adaptive power iteration they trained with, and
+    their state dicts (unchanged layout) load strictly."""
+    from stableflows.config import RunConfig
+    from stableflows.transforms.lipschitz import LipschitzLinear
+
+    old = RunConfig().to_dict()
+    old["model"].update(model="resflow", hidden=8, levels=1, steps_per_level=2, power_atol=1e-6, power_rtol=1e-4)
+    del old["train"]["compile"]
+    cfg = RunConfig.from_dict(old)
+    assert cfg.train.compile is False
+    flow = build_model(cfg.model, (4,))
+    lips = [m for m in flow.modules() if isinstance(m, LipschitzLinear)]
+    assert lips and all(m.atol == 1e-6 and m.rtol == 1e-4 for m in lips)
+    now = build_model(ModelConfig(model="resflow", hidden=8, levels=1, steps_per_level=2), (4,))
+    assert all(m.atol is None and m.rtol is None for m in now.modules() if isinstance(m, LipschitzLinear))
+    flow.load_state_dict(now.state_dict())  # strict: the same keys and shapes

@@ -14,7 +14,7 @@ from stableflows.experiments import prior_refit as P
 from stableflows.transforms.base import trace
 from stableflows.transforms.coupling import AdditiveCoupling, AffineCoupling
 from stableflows.transforms.linear import Invertible1x1, Permutation
-from stableflows.transforms.multiscale import SplitPrior
+from stableflows.transforms.multiscale import MultiScale, SplitPrior
 from stableflows.transforms.normalization import ActNorm
 from stableflows.transforms.scales import BiasedSigmoidScale, BoundedScale, ExpScale, SigmoidScale
 
@@ -29,7 +29,8 @@ def _init(flow, seed=0):
 
 def test_variants_build_what_they_say():
     kinds = {"affine_exp": ExpScale, "affine_sigmoid": SigmoidScale, "biased_sigmoid": BiasedSigmoidScale,
-             "bounded": BoundedScale, "randomized_splits": SigmoidScale}
+             "biased_sigmoid_eps0.05": BiasedSigmoidScale, "bounded": BoundedScale,
+             "randomized_splits": SigmoidScale, "affine_sigmoid_kept": SigmoidScale}
     for name in G.VARIANTS:
         flow, cfg = G.build_variant(name, SIZE)
         couplings = [m for m in flow.modules() if isinstance(m, (AffineCoupling, AdditiveCoupling))]
@@ -38,29 +39,44 @@ def test_variants_build_what_they_say():
             assert all(isinstance(c, AdditiveCoupling) for c in couplings)
         else:
             assert all(isinstance(c.scale, kinds[name]) for c in couplings)
+        if name.startswith("biased_sigmoid"):
+            assert all(c.scale.eps == (0.05 if name.endswith("0.05") else 0.5) for c in couplings)
         n_perm = sum(isinstance(m, Permutation) for m in flow.modules())
-        assert n_perm == (len(couplings) if name == "randomized_splits" else 0)
+        assert n_perm == (SIZE.levels - 1 if name == "randomized_splits" else 0)  # one per split
         assert sum(isinstance(m, Invertible1x1) for m in flow.modules()) == len(couplings)  # LU 1x1 kept
+        # Daniels' arrangement: the last coupling before a split is conditioned on the factored-out half
+        ms = next(m for m in flow.modules() if isinstance(m, MultiScale))
+        last = [m for m in ms.level.modules() if isinstance(m, (AffineCoupling, AdditiveCoupling))][-1]
+        assert last.parity == (0 if name == "affine_sigmoid_kept" else 1)
+        assert cfg.split_condition == ("kept" if name == "affine_sigmoid_kept" else "factored")
     with pytest.raises(ValueError, match="unknown variant"):
         G.build_variant("nope", SIZE)
 
 
-def test_randomized_splits_put_a_fixed_shuffle_before_every_step():
+def test_randomized_splits_permute_at_the_split_boundary():
+    """The shuffle sits between a level's last coupling and its split (not in front of ActNorm / the
+    1x1 conv, which would absorb it), and sends channels of both coupling halves into the split."""
     flow, _ = G.build_variant("randomized_splits", G.DesignSize(**{**SIZE.__dict__, "steps_per_level": 2}))
     _init(flow)
-    for m in flow.modules():
-        if hasattr(m, "layers"):
-            layers = list(m.layers)
-            for i, layer in enumerate(layers):
-                if isinstance(layer, ActNorm):
-                    assert isinstance(layers[i - 1], Permutation) and layers[i - 1].kind == "shuffle"
-    perms = [m.perm.tolist() for m in flow.modules() if isinstance(m, Permutation)]
-    assert any(p != sorted(p) for p in perms)  # not all identities
+    ms = next(m for m in flow.modules() if isinstance(m, MultiScale))
+    layers = list(ms.level.layers)
+    assert isinstance(layers[-1], Permutation) and isinstance(layers[-2], AffineCoupling)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, ActNorm):
+            assert not isinstance(layers[i - 1], Permutation)
+    perm = layers[-1].perm
+    c = perm.numel()
+    out = perm[c - c // 2:]
+    assert (out < c // 2).any() and (out >= c // 2).any()
     x = 0.1 + 0.8 * torch.rand(8, 1, 8, 8)
     with torch.no_grad():
         z, ld = flow(x)
         xr, ldi = flow.inverse(z)
     assert torch.allclose(xr, x, atol=1e-5) and torch.allclose(ld, -ldi, atol=1e-4)
+
+
+def test_feasible_levels():
+    assert G.feasible_levels((1, 8, 8), 3) == 3 and G.feasible_levels((1, 28, 28), 3) == 2
 
 
 def test_first_coupling_after_split_is_the_first_one_the_generative_pass_meets():
@@ -137,6 +153,9 @@ def test_refit_closed_form_and_gradient_path():
 def test_quick_study_end_to_end(tmp_path):
     s = G.glow_design_choices(tmp_path, quick=True, variants=["affine_sigmoid"], verbose=False)
     row = s["variants"]["affine_sigmoid"]
+    assert row["live"] is not None and isinstance(row["live"]["stable"], bool)  # live weights audited too
+    (r,) = s["rows"]
+    assert r["variant"] == "affine_sigmoid" and "stable_live" in r and s["levels"] == 17
     assert math.isfinite(row["test_bpd"]) and json.loads((tmp_path / "summary.json").read_text())["variants"]["affine_sigmoid"]["curve"]
     assert [z["clip"] for z in row["z0"]] == list(SIZE.clips)
     assert {"test", "samples_t0", "clipped_c10"} <= set(json.loads((tmp_path / "summary.json").read_text())["variants"]["affine_sigmoid"]["audit"])

@@ -71,12 +71,21 @@ def test_cli_report_end_to_end(runs):
     assert "<script" not in page
     assert set(s["data"]["families"]) == set(FAMILIES)
     for f in FAMILIES:
+        if f == "out_of_range":
+            continue
         for m in s["scores"][f].values():
             assert 0.0 <= m["auroc"] <= 1.0
-    # the logit pre-transform refuses out-of-range inputs: no likelihood, counted, detected
+    # the logit pre-transform refuses every out-of-range input: no likelihood, hence no AUROC and no verdict
     oor = s["sets"]["out_of_range"]
-    assert oor["status"]["outside_domain"] > 0
-    assert s["scores"]["out_of_range"]["likelihood (bpd)"]["nonfinite_ood"] == oor["status"]["outside_domain"]
+    assert oor["status"]["outside_domain"] == oor["bpd"]["n"] == 60
+    assert s["scores"]["out_of_range"] is None and s["best_score"]["out_of_range"] is None
+    assert all(row["out_of_range"] is None for row in s["typicality"].values())
+    line = next(f for f in s["findings"] if f.startswith("out_of_range:"))
+    assert line == "out_of_range: no likelihood (60 outside the model's domain of 60 inputs): no AUROC, no verdict"
+    audit_line = next(f for f in s["findings"] if f.startswith("audit:"))
+    assert "no verdict on out_of_range" in audit_line and "every audited family" not in audit_line
+    assert s["audit"]["out_of_range"]["status"] == "outside domain"
+    assert "no likelihood: no AUROC" in page
     # the round trip of in-distribution data works: invertible, nothing flagged
     assert s["sets"]["test"]["invertibility"]["verdict"] == "invertible"
     assert s["sets"]["test"]["invertibility"]["n_meaningless"] == 0

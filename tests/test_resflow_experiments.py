@@ -67,7 +67,7 @@ def test_exact_logdet_matches_full_jacobian():
 def test_checkerboard_quick(tmp_path):
     s = EXPERIMENTS["resflow-checkerboard"](tmp_path, quick=True)
     assert (tmp_path / "densities.png").stat().st_size > 1000
-    assert [r["norm"] for r in s["rows"]] == ["spectral", "inf"]
+    assert [r["norm"] for r in s["rows"]] == ["spectral", "inf", "mixed"]
     for r in s["rows"]:
         assert math.isfinite(r["test_nll"]) and r["test_nll"] > 0
     assert "inf" in (tmp_path / "table.md").read_text()

@@ -15,7 +15,9 @@ Constraint sets (all boxes ``[lo, hi]``):
 
 Random start (uniform in the box; for ``"range"`` in the ``eps`` ball around the example), step size
 (default ``2.5 * radius / steps``), steps and seed are configurable. An example whose
-reconstruction turns non-finite (or raises) is a success of the attack and is frozen there. For
+reconstruction turns non-finite (or raises a numerical failure) is a success of the attack and is
+frozen there; an example whose computation raises an error that is not a verdict (a wrong shape,
+a bug) is frozen as *could not run*, never a success. For
 residual blocks the fixed-point inverse is capped at ``fixed_point_iterations`` during the attack
 (gradients come from the block's implicit backward); the reported error of the best point is then
 measured again with the block's own converged inverse. The baseline draws the same number of
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -95,9 +98,10 @@ class AttackResult:
     best_x: Tensor
     evaluations: int  # points tried per example
     history: list = field(default_factory=list)  # max finite error over examples after each step
-    status: str = "ok"  # "ok" or "outside_domain"
+    status: str = "ok"  # "ok", "outside_domain" or "could not run"
     message: str = ""
     settings: dict = field(default_factory=dict)
+    stopped: bool = False  # ended early at its deadline (time budget)
 
     @property
     def pct_nonfinite(self) -> float:
@@ -132,43 +136,52 @@ def _err_with_grad(model: Invertible, x: Tensor) -> tuple[Tensor, Tensor]:
     return err.detach(), g
 
 
-def _objective(model: Invertible, x: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(err, grad, raised, domain)`` for the active rows; rows that raise get err = inf."""
+def _objective(model: Invertible, x: Tensor, active: Tensor):
+    """``(err, grad, raised, domain, error, messages)`` for the active rows; rows that raise a
+    numerical failure get err = inf, rows that raise an error (could not run) err = NaN."""
     n = x.shape[0]
     err = torch.full((n,), float("nan"), dtype=torch.float64)
     grad = torch.zeros_like(x)
     raised = torch.zeros(n, dtype=torch.bool)
     domain = torch.zeros(n, dtype=torch.bool)
+    error = torch.zeros(n, dtype=torch.bool)
     idx = active.nonzero().flatten()
     if idx.numel() == 0:
-        return err, grad, raised, domain
+        return err, grad, raised, domain, error, None
     try:
         e, g = _err_with_grad(model, x[idx])
         err[idx], grad[idx] = e.double().cpu(), g
-        return err, grad, raised, domain
+        return err, grad, raised, domain, error, None
     except Exception:  # noqa: BLE001 - find the rows that raise, keep going with the others
         pass
     probe = safe_apply(lambda t: model.inverse(model.forward(t)), x[idx], batch_size=max(1, idx.numel()))
     bad = probe.raised
     raised[idx[bad]] = True
     domain[idx[bad & probe.domain]] = True
+    error[idx[bad & probe.error]] = True
     err[idx[bad]] = float("inf")
+    err[idx[bad & probe.error]] = float("nan")
     good = idx[~bad]
     if good.numel():
         try:
             e, g = _err_with_grad(model, x[good])
             err[good], grad[good] = e.double().cpu(), g
-        except Exception:  # noqa: BLE001 - batch-level failure of the rest: count them as raising
+        except Exception as ex:  # noqa: BLE001 - the gradient itself fails: those rows could not run
+            from .reconstruction import message
+
             raised[good] = True
-            err[good] = float("inf")
-    return err, grad, raised, domain
+            error[good] = True
+            probe.messages.add(f"gradient of the reconstruction error: {message(ex)}", "error", int(good.numel()))
+    return err, grad, raised, domain, error, probe.messages
 
 
 def pgd_attack(model: Invertible, x0: Tensor, *, constraint: str = "cell", x_int: Tensor | None = None,
                levels: int | None = None, eps: float = DEFAULT_EPS, data_range: tuple[float, float] = (0.0, 1.0),
                widen: float = DEFAULT_WIDEN, steps: int = 50, step_size: float | None = None,
-               random_start: bool = True, fixed_point_iterations: int | None = None, seed: int = 0) -> AttackResult:
-    """PGD maximising the reconstruction error of every example of ``x0`` (model space, model dtype)."""
+               random_start: bool = True, fixed_point_iterations: int | None = None, seed: int = 0,
+               deadline: float | None = None) -> AttackResult:
+    """PGD maximising the reconstruction error of every example of ``x0`` (model space, model dtype).
+    ``deadline`` (a ``time.perf_counter()`` value): stop after the step during which it passes."""
     lo, hi = constraint_box(constraint, x0, x_int=x_int, levels=levels, eps=eps, data_range=data_range, widen=widen)
     radius = float(((hi - lo) / 2).amax())
     alpha = step_size if step_size is not None else STEP_FACTOR * radius / max(steps, 1)
@@ -181,11 +194,18 @@ def pgd_attack(model: Invertible, x0: Tensor, *, constraint: str = "cell", x_int
     history = []
     settings = dict(steps=steps, step_size=alpha, eps=eps, widen=widen, random_start=random_start,
                     fixed_point_iterations=fixed_point_iterations, seed=seed, lo=float(lo.min()), hi=float(hi.max()))
+    errored = torch.zeros(n, dtype=torch.bool)
+    first_error = ""
+    stopped = False
     with model.eval_mode(), capped_fixed_point(model.module, fixed_point_iterations):
         for t in range(steps + 1):
-            err, grad, raised, domain = _objective(model, x, ~frozen)
+            err, grad, raised, domain, error, msgs = _objective(model, x, ~frozen)
             if bool(domain.any()) and t == 0 and bool(domain.all()):
                 return _outside(constraint, x0, settings, model)
+            if bool(error.any()):
+                errored |= error
+                first_error = first_error or (msgs.first_text("error") if msgs is not None else "") or "exception"
+                frozen |= error
             err[domain] = float("nan")  # outside the model's domain: not a success
             improve = ~frozen & ((err > best) | ~torch.isfinite(err)) & ~torch.isnan(err)
             best[improve] = err[improve]
@@ -196,20 +216,30 @@ def pgd_attack(model: Invertible, x0: Tensor, *, constraint: str = "cell", x_int
             history.append(float(fin.max()) if fin.numel() else math.inf)
             if t == steps or bool(frozen.all()):
                 break
+            if deadline is not None and time.perf_counter() > deadline:
+                stopped = True
+                break
             step = alpha * grad.sign()
             step[frozen] = 0
             x = torch.minimum(torch.maximum(x + step, lo), hi)
     final = _final_errors(model, best_x)
     final[best < 0] = float("nan")  # never evaluated in the domain
+    final[errored] = float("nan")
     start = _final_errors(model, x0)
-    return AttackResult(constraint, "pgd", final, start, best_x, steps + 1, history, settings=settings)
+    status, msg = "ok", ""
+    if bool(errored.any()):
+        status = "could not run" if bool(errored.all()) else "ok"
+        msg = f"could not run {int(errored.sum())} of {n} examples: {first_error}"
+    return AttackResult(constraint, "pgd", final, start, best_x, len(history), history, status=status, message=msg,
+                        settings=settings, stopped=stopped)
 
 
 def _final_errors(model: Invertible, x: Tensor) -> Tensor:
     with model.eval_mode():
         r = reconstruct(model, x, keep=False)
     e = r.err_l2.clone()
-    e[r.raised & ~r.outside_domain] = float("inf")
+    e[r.failed_raise] = float("inf")
+    e[r.error] = float("nan")
     return e
 
 
@@ -221,8 +251,10 @@ def _outside(constraint, x0, settings, model) -> AttackResult:
 
 def random_search(model: Invertible, x0: Tensor, *, constraint: str = "cell", x_int: Tensor | None = None,
                   levels: int | None = None, eps: float = DEFAULT_EPS, data_range: tuple[float, float] = (0.0, 1.0),
-                  widen: float = DEFAULT_WIDEN, points: int = 50, seed: int = 0, batch_size: int = 4096) -> AttackResult:
-    """The baseline of :func:`pgd_attack`: ``points`` uniform draws per example in the same box."""
+                  widen: float = DEFAULT_WIDEN, points: int = 50, seed: int = 0, batch_size: int = 4096,
+                  deadline: float | None = None) -> AttackResult:
+    """The baseline of :func:`pgd_attack`: ``points`` uniform draws per example in the same box
+    (fewer when ``deadline`` passes)."""
     lo, hi = constraint_box(constraint, x0, x_int=x_int, levels=levels, eps=eps, data_range=data_range, widen=widen)
     g = torch.Generator().manual_seed(seed + 1)
     n = x0.shape[0]
@@ -232,17 +264,20 @@ def random_search(model: Invertible, x0: Tensor, *, constraint: str = "cell", x_
     with model.eval_mode(), torch.no_grad():
         for _ in range(points):
             x = _uniform(lo, hi, g)
-            a = safe_apply(model.forward, x, batch_size=batch_size)
-            rec = safe_apply(model.inverse, a.out, batch_size=batch_size).out if a.out is not None else None
-            err = per_example_errors(x, rec)[0]
-            err[a.domain] = float("nan")
+            r = reconstruct(model, x, batch_size=batch_size, keep=False)
+            err = r.err_l2.clone()
+            err[r.failed_raise] = float("inf")
+            err[r.outside_domain | r.error] = float("nan")
             better = ~torch.isnan(err) & (torch.isnan(best) | (err > best))
             best[better] = err[better]
             best_x[better] = x[better]
             fin = best[torch.isfinite(best)]
             history.append(float(fin.max()) if fin.numel() else math.inf)
+            if deadline is not None and time.perf_counter() > deadline:
+                break
     status = "outside_domain" if bool(torch.isnan(best).all()) else "ok"
     final = _final_errors(model, best_x)
     final[torch.isnan(best)] = float("nan")
-    return AttackResult(constraint, "random", final, _final_errors(model, x0), best_x, points, history, status,
-                        settings=dict(points=points, eps=eps, widen=widen, seed=seed))
+    return AttackResult(constraint, "random", final, _final_errors(model, x0), best_x, len(history), history, status,
+                        settings=dict(points=points, eps=eps, widen=widen, seed=seed),
+                        stopped=len(history) < points)

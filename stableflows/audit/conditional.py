@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any
 
 import torch
@@ -178,7 +179,7 @@ def audit_conditional(audit, model, data=None, context: Tensor | None = None, *,
         tr = train[train_rows[j].to(train.device)] if train_rows is not None else None
         x = test[idx.to(test.device)] if test is not None else None
         if options.get("progress"):
-            print(f"audit: context {label}", flush=True)
+            print(f"audit: {label} ({j + 1} of {len(groups)} contexts)", file=sys.stderr, flush=True)
         with bind_context(model, c):
             reports.append(audit(model, x, levels=levels, train=tr if tr is not None and tr.shape[0] else None,
                                  families=families, n=sub.pop("n"), **sub))

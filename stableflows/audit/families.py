@@ -94,13 +94,29 @@ class FamilyInput:
     temperature: float | None = None
     clip: float | None = None
 
+    @property
+    def size(self) -> int:
+        return int((self.x if self.x is not None else self.z).shape[0])
+
+    def head(self, k: int) -> "FamilyInput":
+        """The first ``k`` examples (a time budget's cut)."""
+        return self.part(0, k)
+
+    def part(self, a: int, b: int) -> "FamilyInput":
+        """Examples ``a`` to ``b - 1``."""
+        return FamilyInput(self.name, self.kind, self.description, x=None if self.x is None else self.x[a:b],
+                           z=None if self.z is None else self.z[a:b], temperature=self.temperature, clip=self.clip)
+
+
+LATENT_N = 256  # samples per latent family when the audit has no data to size them
+
 
 def build_family(name: str, model, *, test: Tensor, train: Tensor | None = None, levels: int | None = None,
                  n: int | None = None, seed: int = 0) -> FamilyInput:
     """The inputs of family ``name`` for ``model`` (an :class:`~stableflows.audit.adapters.Invertible`
     whose ``latent_shape`` is known); ``test`` (and ``train``) are model-space data. ``n`` caps
     the number of examples (default: as many as ``test``)."""
-    n_ref = test.shape[0]
+    n_ref = test.shape[0] if test is not None else (LATENT_N if n is None else int(n))
     n = n_ref if n is None else int(n)
     if name == "test":
         return FamilyInput(name, "data", "held-out data", x=test[:n])

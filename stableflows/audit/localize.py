@@ -1,8 +1,10 @@
-"""Per-layer localisation: where on the inverse path does a stableflows flow stop being invertible?
+"""Per-layer localisation: where on the inverse path does a flow stop being invertible?
 
-Both passes are recorded with :func:`~stableflows.transforms.base.trace` (tensors kept): the
-forward ``x -> z`` gives every elementary layer ``l`` its input ``a_l`` and output ``b_l``; the inverse
-``z -> x_hat`` gives its inverse-path input ``b'_l`` and output ``a'_l``. Per layer (inverse order):
+Both passes are recorded through the model's :class:`~stableflows.audit.layers.LayerPath` (the
+stableflows tracer, a peer library's own sequence of transforms, or the layers of the layer
+protocol): the forward ``x -> z`` gives every elementary layer ``l`` its input ``a_l`` and output
+``b_l``; the inverse ``z -> x_hat`` gives its inverse-path input ``b'_l`` and output ``a'_l``
+(tensors flattened per example; several tensors concatenated). Per layer (inverse order):
 
 * ``err_in = ||b'_l - b_l||``, ``err_out = ||a'_l - a_l||`` -- the accumulated reconstruction error
   entering and leaving the layer (max over examples; relative ``rel_in = err_in / max(||b_l||, 1)``,
@@ -32,8 +34,9 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..transforms.base import Transform, trace
+from ..transforms.base import Transform
 from . import autodiff as _ad
+from .layers import LayerPath, StableflowsPath, Traced
 
 __all__ = ["LayerReport", "Localization", "localize", "localize_many", "trace_passes", "layer_gains", "layer_gain",
            "summarize", "clip_activations", "leaf_transforms",
@@ -108,6 +111,8 @@ class Localization:
     max_gain_layer: str | None = None
     tolerance: float = 1e-3
     gain_threshold: float = GAIN_THRESHOLD
+    path: str = ""  # what the layers are (stableflows layers, normflows flows, ...)
+    note: str = ""  # why the layers could not be localised through ("" when they could)
 
     def layer(self, name: str) -> LayerReport:
         for r in self.layers:
@@ -132,20 +137,21 @@ def _finite_absmax(t: Tensor) -> float:
     return float(r.max()) if r.numel() else math.nan
 
 
-def layer_gain(m: Transform, b: Tensor, iterations: int = GAIN_ITERATIONS,
+def layer_gain(f, b: Tensor, iterations: int = GAIN_ITERATIONS,
                generator: torch.Generator | None = None) -> Tensor:
-    """Power-iteration estimate of ``sigma_max(J_{m^-1}(b))`` per example ``(B,)`` (a lower bound
-    that tightens with ``iterations``); NaN where ``b`` is not finite or the layer cannot be
-    differentiated."""
+    """Power-iteration estimate of ``sigma_max(J_f(b))`` per example ``(B,)`` for a layer inverse
+    ``f`` on flat inputs ``b (B, D)`` (a stableflows Transform is accepted too: its inverse); a
+    lower bound that tightens with ``iterations``; NaN where ``b`` is not finite or the layer
+    cannot be differentiated."""
+    if isinstance(f, Transform):
+        m = f
+        f = lambda t: m.inverse(t)[0]  # noqa: E731
     n = b.shape[0]
     out = torch.full((n,), float("nan"), dtype=torch.float64)
     ok = torch.isfinite(_rows(b)).all(dim=1).cpu()
     if not bool(ok.any()) or iterations < 1:
         return out
     bb = b[ok.to(b.device)].detach()
-
-    def f(t):
-        return m.inverse(t)[0]
 
     def unit(t):  # norms in float64: a float32 norm of entries ~1e20 overflows
         nrm = _rows(t).double().norm(dim=1).clamp_min(1e-300).view(-1, *([1] * (t.dim() - 1)))
@@ -183,76 +189,68 @@ def _stats(records) -> dict:
     return merged
 
 
-def _leaf_records(tracer, leaf_names: set[str]):
-    return [r for r in tracer.records if r.name in leaf_names]
+def _path(model) -> LayerPath:
+    if isinstance(model, LayerPath):
+        return model
+    if isinstance(model, Transform) or type(model).__name__ == "Flow":
+        return StableflowsPath(model)
+    from .adapters import as_invertible
+
+    path = as_invertible(model).layers
+    if path is None:
+        raise TypeError(f"{type(model).__name__} gives no layers to localise through")
+    return path
 
 
-@dataclass
-class Traced:
-    """The recorded passes of one group of examples: forward (may be empty) and inverse leaf records."""
-
-    fwd: list
-    inv: list
-    n: int
-    mode: str
-
-
-def trace_passes(model: nn.Module, *, x: Tensor | None = None, z: Tensor | None = None) -> Traced:
+def trace_passes(model, *, x: Tensor | None = None, z: Tensor | None = None) -> Traced:
     """Record the elementary layers of ``x -> z -> x_hat`` (``x`` given) or of ``z -> x`` (``z`` given)."""
-    if (x is None) == (z is None):
-        raise ValueError("give exactly one of x (data, round trip) or z (latent codes, inverse only)")
-    names = {n for n, _ in leaf_transforms(model)}
-    fwd = []
-    with torch.no_grad():
-        if x is not None:
-            with trace(model, keep_tensors=True) as tf:
-                z = _first(model(x))
-            fwd = _leaf_records(tf, names)
-        with trace(model, keep_tensors=True) as ti:
-            try:
-                _first(model.inverse(z))
-            except Exception:  # noqa: BLE001 - the records up to the failing layer are what we need
-                pass
-    return Traced(fwd, _leaf_records(ti, names), (x if x is not None else z).shape[0],
-                  "roundtrip" if x is not None else "inverse")
+    return _path(model).trace(x=x, z=z)
 
 
-def layer_gains(model: nn.Module, groups: list[Traced], *, iterations: int = GAIN_ITERATIONS,
-                seed: int = 0) -> list[list[Tensor]]:
+def layer_gains(model, groups: list[Traced], *, iterations: int = GAIN_ITERATIONS,
+                seed: int = 0, deadline: float | None = None) -> list[list[Tensor]]:
     """Per group, per inverse-path layer, the per-example gain; the layers of all groups are
-    evaluated together (one batch per layer position) when their inverse paths match."""
-    leaves = dict(leaf_transforms(model))
+    evaluated together (one batch per layer position) when their inverse paths match. Past
+    ``deadline`` (a ``time.perf_counter()`` value) the remaining gains are NaN (not computed)."""
+    import time
+
+    path = _path(model)
     g = torch.Generator().manual_seed(seed)
     out: list[list[Tensor]] = [[] for _ in groups]
     depth = max((len(t.inv) for t in groups), default=0)
     for i in range(depth):
         members = [(k, t.inv[i]) for k, t in enumerate(groups) if i < len(t.inv)]
+        if deadline is not None and time.perf_counter() > deadline:
+            for k, r in members:
+                out[k].append(torch.full((r.input.shape[0],), float("nan"), dtype=torch.float64))
+                groups[k].gains_skipped += 1
+            continue
         by_name: dict[str, list] = {}
         for k, r in members:
             by_name.setdefault(r.name, []).append((k, r))
         for name, rs in by_name.items():
             inputs = [r.input for _, r in rs]
-            if len({tuple(t.shape[1:]) for t in inputs}) != 1:
-                gains = [layer_gain(leaves[name], t, iterations, g) for t in inputs]
+            fn = path.inverse_fn(rs[0][1])
+            if len({repr(r.in_spec) for _, r in rs}) != 1:
+                gains = [layer_gain(path.inverse_fn(r), r.input, iterations, g) for _, r in rs]
             else:
-                cat = layer_gain(leaves[name], torch.cat(inputs, 0), iterations, g)
+                cat = layer_gain(fn, torch.cat(inputs, 0), iterations, g)
                 gains = list(torch.split(cat, [t.shape[0] for t in inputs]))
             for (k, _), gk in zip(rs, gains):
                 out[k].append(gk)
     return out
 
 
-def summarize(model: nn.Module, traced: Traced, gains: list[Tensor], *, tolerance: float = 1e-3,
+def summarize(model, traced: Traced, gains: list[Tensor], *, tolerance: float = 1e-3,
               gain_threshold: float = GAIN_THRESHOLD) -> Localization:
     """The :class:`Localization` of one traced group with its per-layer gains."""
-    leaves = dict(leaf_transforms(model))
+    path = _path(model)
     fwd, inv = traced.fwd, traced.inv
     # forward leaf k corresponds to inverse leaf (len - 1 - k) when the passes mirror each other
     mirrored = bool(fwd) and [r.name for r in reversed(fwd)] == [r.name for r in inv]
     layers: list[LayerReport] = []
     for i, r in enumerate(inv):
-        m = leaves[r.name]
-        rep = LayerReport(index=i, name=r.name, kind=type(m).__name__, inv_absmax=_finite_absmax(r.output),
+        rep = LayerReport(index=i, name=r.name, kind=r.kind, inv_absmax=_finite_absmax(r.output),
                           inv_nonfinite=int((~r.out_finite).sum()), gain=_nanmax(gains[i]),
                           stats_inverse=_stats([r]))
         if mirrored:
@@ -266,37 +264,47 @@ def summarize(model: nn.Module, traced: Traced, gains: list[Tensor], *, toleranc
             rep.rel_out = _nanmax(e_out / _norms(a))
             with torch.no_grad():
                 try:
-                    rep.roundtrip = _nanmax(_err(_first(m.inverse(b)), a))
+                    rep.roundtrip = _nanmax(_err(path.inverse_fn(_as_inverse_call(f))(b), a))
                 except Exception:  # noqa: BLE001 - a layer that raises on its own output: infinitely bad
                     rep.roundtrip = math.inf
         layers.append(rep)
     culprit, reason = _culprit(layers, tolerance, gain_threshold)
     g = [(r.gain, r.name) for r in layers if not math.isnan(r.gain)]
+    note = traced.note
+    skipped = traced.gains_skipped
+    if skipped:
+        note = (note + "; " if note else "") + f"gains of {skipped} of {len(layers)} layers not computed (time budget)"
     return Localization(layers, traced.n, traced.mode, culprit, reason, max(g)[1] if g else None, tolerance,
-                        gain_threshold)
+                        gain_threshold, path=path.description, note=note)
 
 
-def localize(model: nn.Module, *, x: Tensor | None = None, z: Tensor | None = None, tolerance: float = 1e-3,
+def _as_inverse_call(f):
+    """The inverse-path call matching forward call ``f``: its input is ``f``'s output."""
+    from .layers import Call
+
+    return Call(f.name, f.kind, f.output, f.input, f.out_spec)
+
+
+def localize(model, *, x: Tensor | None = None, z: Tensor | None = None, tolerance: float = 1e-3,
              gain_threshold: float = GAIN_THRESHOLD, gain_iterations: int = GAIN_ITERATIONS,
              seed: int = 0) -> Localization:
-    """Trace ``model`` (a stableflows Flow or Transform) on data ``x`` (round trip) or on latent
-    codes ``z`` (inverse pass only) and report every elementary layer; see the module docstring."""
+    """Trace ``model`` (a stableflows Flow or Transform, a peer flow, a protocol module or a
+    :class:`~stableflows.audit.layers.LayerPath`) on data ``x`` (round trip) or on latent codes ``z``
+    (inverse pass only) and report every elementary layer; see the module docstring."""
     return localize_many(model, [(x, z)], tolerance=tolerance, gain_threshold=gain_threshold,
                          gain_iterations=gain_iterations, seed=seed)[0]
 
 
-def localize_many(model: nn.Module, groups: list[tuple[Tensor | None, Tensor | None]], *, tolerance: float = 1e-3,
+def localize_many(model, groups: list[tuple[Tensor | None, Tensor | None]], *, tolerance: float = 1e-3,
                   gain_threshold: float = GAIN_THRESHOLD, gain_iterations: int = GAIN_ITERATIONS,
-                  seed: int = 0) -> list[Localization]:
+                  seed: int = 0, deadline: float | None = None) -> list[Localization]:
     """:func:`localize` for several groups ``(x, None)`` / ``(None, z)``; layer gains are computed
-    for all groups in one batch per layer (much faster for many small groups)."""
-    traced = [trace_passes(model, x=x, z=z) for x, z in groups]
-    gains = layer_gains(model, traced, iterations=gain_iterations, seed=seed)
-    return [summarize(model, t, g, tolerance=tolerance, gain_threshold=gain_threshold) for t, g in zip(traced, gains)]
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+    for all groups in one batch per layer (much faster for many small groups); those still to do
+    at ``deadline`` are left out (NaN, said in the localisation's note)."""
+    path = _path(model)
+    traced = [path.trace(x=x, z=z) for x, z in groups]
+    gains = layer_gains(path, traced, iterations=gain_iterations, seed=seed, deadline=deadline)
+    return [summarize(path, t, g, tolerance=tolerance, gain_threshold=gain_threshold) for t, g in zip(traced, gains)]
 
 
 def _norms(a: Tensor) -> Tensor:

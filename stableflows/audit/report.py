@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .verdict import NOT_INVERTIBLE, OUTSIDE_DOMAIN, Verdict
 
-__all__ = ["AuditReport", "jsonable"]
+__all__ = ["AuditReport", "jsonable", "new_report_dir", "write_text", "earlier_report"]
 
 NONFINITE_COLOR = "tab:orange"  # paper 000 Fig. 2/5 mark inf / nan in orange
 
@@ -53,7 +53,8 @@ def jsonable(obj: Any) -> Any:
 def _spectra_dict(s) -> dict | None:
     if s is None:
         return None
-    return {"method": s.method, "dtype": s.dtype, "index": s.index, "fwd_smin": s.fwd_smin, "fwd_smax": s.fwd_smax,
+    return {"method": s.method, "dtype": s.dtype, "steps": s.steps, "errors": s.errors, "index": s.index,
+            "fwd_smin": s.fwd_smin, "fwd_smax": s.fwd_smax,
             "fwd_cond": s.fwd_cond, "inv_smin": s.inv_smin, "inv_smax": s.inv_smax, "inv_cond": s.inv_cond,
             "logdet_analytic": s.logdet_analytic, "logdet_numeric": s.logdet_numeric,
             "logdet_mismatch": s.logdet_mismatch}
@@ -103,8 +104,8 @@ class AuditReport:
         if r.localization is not None:
             loc = r.localization
             d["localization"] = {"mode": loc.mode, "n_examples": loc.n_examples, "culprit": loc.culprit,
-                                 "reason": loc.reason, "max_gain_layer": loc.max_gain_layer,
-                                 "layers": [asdict(x) for x in loc.layers]}
+                                 "reason": loc.reason, "max_gain_layer": loc.max_gain_layer, "path": loc.path,
+                                 "note": loc.note, "layers": [asdict(x) for x in loc.layers]}
         return d
 
     def to_dict(self) -> dict:
@@ -125,23 +126,74 @@ class AuditReport:
         """The report as strict JSON (written to ``path`` too when given)."""
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text)
+            write_text(path, text)
         return text
 
     def summary(self) -> str:
-        """The verdict table plus timings."""
-        t = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
-        return self.verdict.table() + f"\ntimings: {t}"
+        """The headline when the audit could not run a family, the verdict table, what the time
+        budget cut, the notes and the timings."""
+        lines = []
+        if self.verdict.could_not_run:
+            lines.append(f"could not run: {self.verdict.first_error}")
+        lines.append(self.verdict.table())
+        cuts = (self.meta.get("budget") or {}).get("cuts") or []
+        if cuts:
+            lines.append(f"time budget {self.meta['budget']['seconds']:g} s; cut to keep it:")
+            lines += [f"  - {c}" for c in cuts]
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
+        return "\n".join(lines)
 
     def to_html(self, path: str | Path) -> Path:
         """Write a self-contained HTML page (plots embedded as base64 PNG); returns the path."""
         from .plots import render_html
 
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(render_html(self))
+        write_text(p, render_html(self))
         return p
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` atomically (a temporary file in the same directory, then a rename), with the
+    mode the user's umask gives a new file."""
+    import os
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p
+
+
+def new_report_dir(parent: str | Path, label: str) -> Path:
+    """A directory ``parent/<label>-<YYYYmmdd-HHMMSS>`` that does not exist yet (``-2``, ``-3`` ...
+    appended if needed), created: every invocation gets its own, nothing is overwritten."""
+    import time
+
+    parent = Path(parent)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = f"{label}-{stamp}" if label else stamp
+    for k in range(1, 10000):
+        d = parent / (base if k == 1 else f"{base}-{k}")
+        try:
+            d.mkdir(parents=True, exist_ok=False)
+            return d
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free report directory under {parent}")
+
+
+def earlier_report(out: Path, names: tuple[str, ...]) -> list[str]:
+    """The report files of an earlier run already in ``out`` (they are about to be replaced)."""
+    return [n for n in names if (Path(out) / n).exists()]
 
 
 def _col(t: Tensor, how: str) -> list:

@@ -17,7 +17,8 @@ Reported per point: ``sigma_min``, ``sigma_max`` and the condition number ``sigm
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -26,10 +27,11 @@ from torch import Tensor
 from . import autodiff as _ad
 
 __all__ = ["Spectra", "jacobians", "exact_singular_values", "lanczos_gram_extremes", "spectra",
-           "EXACT_MAX_DIM", "LANCZOS_STEPS", "JACOBIAN_CHUNK_BYTES"]
+           "probe_vjp_seconds", "EXACT_MAX_DIM", "LANCZOS_STEPS", "MIN_LANCZOS", "JACOBIAN_CHUNK_BYTES"]
 
 EXACT_MAX_DIM = 4096  # above this dimension "auto" switches to the iterative estimate
 LANCZOS_STEPS = 48  # Lanczos iterations (capped at the dimension)
+MIN_LANCZOS = 8  # fewest Lanczos steps a time budget may choose (sigma_max converges in a few)
 JACOBIAN_CHUNK_BYTES = 2 ** 28  # memory of one chunk of Jacobians (B_chunk * D_out * D_in entries)
 BREAKDOWN = 1e-10  # relative Lanczos residual below which the Krylov space is exhausted
 
@@ -61,11 +63,14 @@ def exact_singular_values(jac: Tensor) -> Tensor:
 
 
 def lanczos_gram_extremes(fn: Callable[[Tensor], Tensor], x: Tensor, steps: int = LANCZOS_STEPS, *,
-                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                          generator: torch.Generator | None = None, deadline: float | None = None,
+                          info: dict | None = None) -> tuple[Tensor, Tensor]:
     """Largest and smallest Ritz values ``(B,), (B,)`` of ``J^T J`` after ``steps`` Lanczos steps.
 
     Batched over examples. With ``steps >= D`` (and exact arithmetic) they are the extreme
-    eigenvalues; a Krylov breakdown restarts with a fresh orthogonal vector.
+    eigenvalues; a Krylov breakdown restarts with a fresh orthogonal vector. ``deadline`` (a
+    ``time.perf_counter()`` value) stops after the step during which it passes (at least two
+    steps); ``info["steps"]`` gets the steps done.
     """
     f = _flat(fn, tuple(x.shape[1:]))
     xf = x.reshape(x.shape[0], -1).detach()
@@ -107,12 +112,18 @@ def lanczos_gram_extremes(fn: Callable[[Tensor], Tensor], x: Tensor, steps: int 
         scale = torch.maximum(scale, a.abs())
         if j == m - 1:
             break
+        if deadline is not None and j >= 1 and time.perf_counter() > deadline:
+            m = j + 1
+            alpha, beta = alpha[:, :m], beta[:, :m]
+            break
         dead = ~(nb > BREAKDOWN * scale)  # also catches NaN
         fresh = rand_unit(basis) if bool(dead.any()) else None
         q_new = torch.where(dead[:, None], fresh if fresh is not None else w, w / nb.clamp_min(1e-300)[:, None])
         nb = torch.where(dead, torch.zeros_like(nb), nb)
         beta[:, j] = nb
         q_prev, q, beta_prev = q, q_new, nb
+    if info is not None:
+        info["steps"] = m
     T = torch.diag_embed(alpha) + torch.diag_embed(beta[:, : m - 1], 1) + torch.diag_embed(beta[:, : m - 1], -1)
     ok = torch.isfinite(T.reshape(b, -1)).all(dim=1)
     lam_max = torch.full((b,), float("nan"), dtype=torch.float64)
@@ -136,6 +147,9 @@ class Spectra:
     inv_smax: Tensor
     logdet_analytic: Tensor | None = None  # (P,) the model's log|det J_F|
     logdet_numeric: Tensor | None = None  # (P,) slogdet of the exact Jacobian
+    steps: int | None = None  # Lanczos steps (iterative)
+    errors: list = field(default_factory=list)  # what could not be computed, and why
+    steps_used: tuple | None = None  # Lanczos steps done (forward, inverse) when a deadline stopped them
 
     @property
     def fwd_cond(self) -> Tensor:
@@ -152,17 +166,46 @@ class Spectra:
         return (self.logdet_analytic - self.logdet_numeric).abs()
 
 
-def _safe(fn, x):
+def _safe(fn, x, errors: list | None = None, what: str = ""):
     try:
         return fn(x)
-    except Exception:  # noqa: BLE001 - reported as NaN spectra
+    except Exception as e:  # noqa: BLE001 - reported as NaN spectra, with the reason
+        if errors is not None:
+            errors.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None
+
+
+def probe_vjp_seconds(model, x: Tensor) -> tuple[float, float] | None:
+    """``(t_graph, t_vjp)``: seconds to build the autograd graphs of forward and inverse at the
+    points ``x`` and of one vector-Jacobian product through each (None if they fail)."""
+    from . import autodiff as _ad
+
+    f = _flat(model.forward, tuple(x.shape[1:]))
+    xf = x.reshape(x.shape[0], -1).detach()
+    try:
+        with torch.no_grad():
+            z = model.forward(x)
+        g = _flat(model.inverse, tuple(z.shape[1:]))
+        zf = z.reshape(z.shape[0], -1).detach()
+        t_graph = t_vjp = 0.0
+        for fn, inp in ((f, xf), (g, zf)):
+            t0 = time.perf_counter()
+            y, back = _ad.vjp_fn(fn, inp)
+            t1 = time.perf_counter()
+            back(torch.ones_like(y))
+            t2 = time.perf_counter()
+            t_graph += t1 - t0
+            t_vjp += t2 - t1
+        return t_graph, t_vjp
+    except Exception:  # noqa: BLE001 - the spectra themselves will report it
         return None
 
 
 def spectra(model, x: Tensor, index: Tensor, *, method: str = "auto", steps: int = LANCZOS_STEPS,
-            exact_max_dim: int = EXACT_MAX_DIM, seed: int = 0) -> Spectra:
+            exact_max_dim: int = EXACT_MAX_DIM, seed: int = 0, deadline: float | None = None) -> Spectra:
     """Spectra of ``model`` (an :class:`~stableflows.audit.adapters.Invertible`, already in the
-    wanted dtype) at the points ``x (P, *shape)``; ``index`` names them in their family."""
+    wanted dtype) at the points ``x (P, *shape)``; ``index`` names them in their family.
+    ``deadline`` stops the Lanczos iterations early (the forward gets half the time left)."""
     if method not in ("auto", "exact", "iterative"):
         raise ValueError(f"spectra method must be auto, exact or iterative, got {method!r}")
     d = math.prod(x.shape[1:])
@@ -173,12 +216,14 @@ def spectra(model, x: Tensor, index: Tensor, *, method: str = "auto", steps: int
     nan = torch.full((p,), float("nan"), dtype=torch.float64)
     res = Spectra(method, str(model.dtype).replace("torch.", ""), index.clone(), nan.clone(), nan.clone(),
                   nan.clone(), nan.clone())
+    err = res.errors
     with torch.no_grad():
-        z = _safe(model.forward, x)
+        z = _safe(model.forward, x, err, "forward")
     if z is None:
         return res
     if method == "exact":
-        jf, ji = _safe(lambda t: jacobians(model.forward, t), x), _safe(lambda t: jacobians(model.inverse, t), z)
+        jf = _safe(lambda t: jacobians(model.forward, t), x, err, "forward Jacobian")
+        ji = _safe(lambda t: jacobians(model.inverse, t), z, err, "inverse Jacobian")
         if jf is not None:
             sv = exact_singular_values(jf.double()).cpu()
             res.fwd_smax, res.fwd_smin = sv[:, 0], sv[:, -1]
@@ -192,8 +237,15 @@ def spectra(model, x: Tensor, index: Tensor, *, method: str = "auto", steps: int
             res.inv_smax, res.inv_smin = sv[:, 0], sv[:, -1]
     else:
         g = torch.Generator().manual_seed(seed)
-        lf = _safe(lambda t: lanczos_gram_extremes(model.forward, t, steps, generator=g), x)
-        li = _safe(lambda t: lanczos_gram_extremes(model.inverse, t, steps, generator=g), z)
+        half = None if deadline is None else time.perf_counter() + (deadline - time.perf_counter()) / 2
+        info_f: dict = {}
+        info_i: dict = {}
+        lf = _safe(lambda t: lanczos_gram_extremes(model.forward, t, steps, generator=g, deadline=half, info=info_f),
+                   x, err, "forward Lanczos")
+        li = _safe(lambda t: lanczos_gram_extremes(model.inverse, t, steps, generator=g, deadline=deadline,
+                                                   info=info_i), z, err, "inverse Lanczos")
+        res.steps = max(info_f.get("steps", 0), info_i.get("steps", 0)) or steps
+        res.steps_used = (info_f.get("steps"), info_i.get("steps"))
         if lf is not None:
             res.fwd_smax, res.fwd_smin = lf[0].double().sqrt(), lf[1].double().sqrt()
         if li is not None:
@@ -203,7 +255,7 @@ def spectra(model, x: Tensor, index: Tensor, *, method: str = "auto", steps: int
         res.inv_smin = torch.fmin(res.inv_smin, 1.0 / res.fwd_smax)
     if model.has_logdet:
         with torch.no_grad():
-            ld = _safe(model.logdet, x)
+            ld = _safe(model.logdet, x, err, "analytic log-det")
         if ld is not None:
             res.logdet_analytic = ld.detach().double().cpu().reshape(p)
     return res

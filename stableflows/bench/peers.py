@@ -71,12 +71,31 @@ def _mlp(d_in: int, d_out: int, hidden: int) -> nn.Sequential:
 
 
 class _Pipeline(nn.Module):
-    """``pre`` (shared pre-transform) followed by a library's flow ``body``."""
+    """``pre`` (shared pre-transform) followed by a library's flow ``body`` (its input reshaped to
+    ``event``); ``layers`` lists the three for the audit's layer protocol (per-layer localisation)."""
 
-    def __init__(self, pre: Preprocess, body: nn.Module):
+    def __init__(self, pre: Preprocess, body: nn.Module, event: tuple[int, ...] = EVENT_SHAPE,
+                 shape: tuple[int, ...] = EVENT_SHAPE):
         super().__init__()
         self.pre = pre
         self.body = body
+        self.event, self.shape = tuple(event), tuple(shape)
+
+    @property
+    def layers(self) -> list:
+        return [self.pre, _Reshape(self.shape, self.event), self.body]
+
+
+class _Reshape(nn.Module):
+    def __init__(self, shape_in: tuple[int, ...], shape_out: tuple[int, ...]):
+        super().__init__()
+        self.shape_in, self.shape_out = shape_in, shape_out
+
+    def forward(self, v: Tensor) -> Tensor:
+        return v.reshape(v.shape[0], *self.shape_out)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return y.reshape(y.shape[0], *self.shape_in)
 
 
 def _contender(name: str, library: str, family: str, body: nn.Module, preprocess: str, hidden: int, *,
@@ -85,7 +104,7 @@ def _contender(name: str, library: str, family: str, body: nn.Module, preprocess
                description: str, after_step: Callable[[nn.Module], None] | None = None) -> Contender:
     """Assemble a peer contender from ``to_latent(body, y) -> (z, log|det dz/dy|)`` and ``to_data``,
     where ``y`` is the pre-transformed input ``(B, *shape)`` reshaped to the library's ``event`` shape."""
-    module = _Pipeline(Preprocess(preprocess), body)
+    module = _Pipeline(Preprocess(preprocess), body, event, shape)
 
     def latent(m: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
         y, ld_pre = m.pre(v)

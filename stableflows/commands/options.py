@@ -130,6 +130,8 @@ HELP: dict[str, str] = {
                       "--time-budget stops the run), one line every --log-every seconds when stdout is not",
     "train.log_every": "seconds between progress lines (step, loss, bits/dim, steps/s, ETA) when stdout is not a "
                        "terminal",
+    "train.compile": "torch.compile the model (log_prob, forward, inverse) after its initialisation; the first "
+                     "steps compile (minutes on a CPU), later ones run the compiled code",
     "train.objective": "likelihood (bits/dim of a flow) | classification (cross-entropy of a classifier, "
                        "optionally with FD / NF regularisers) | hybrid (lambda (-log p(x)) - log p(y|x)); "
                        "classification and hybrid need labels and --model classifier or hybrid",

@@ -2,25 +2,35 @@
 
 ``reproduce glow-design-choices`` trains one Glow per variant on digits and audits each:
 
-=====================  ====================================================================
-variant                change to Glow (ActNorm -> LU 1x1 conv -> coupling, learned split priors)
-=====================  ====================================================================
-``affine_exp``         affine coupling, ``scale = exp(s)`` (RealNVP)
-``affine_sigmoid``     affine coupling, ``scale = sigmoid(s + 2)`` (Glow; the control)
-``additive``           additive coupling, ``scale = 1`` (remedy 1)
-``biased_sigmoid``     ``scale = sigmoid(s) + eps`` (remedy 2)
-``bounded``            ``scale = a + (b - a) sigmoid(s)`` (remedy 3)
-``randomized_splits``  the control with a fixed random channel permutation before each step (remedy 4)
-=====================  ====================================================================
+==========================  ===============================================================
+variant                     change to Glow (ActNorm -> LU 1x1 conv -> coupling, learned split priors)
+==========================  ===============================================================
+``affine_exp``              affine coupling, ``scale = exp(s)`` (RealNVP)
+``affine_sigmoid``          affine coupling, ``scale = sigmoid(s + 2)`` (Glow; the control)
+``additive``                additive coupling, ``scale = 1`` (remedy 1)
+``biased_sigmoid``          ``scale = sigmoid(s) + eps``, eps = 0.5 (remedy 2; scales in (0.5, 1.5))
+``biased_sigmoid_eps0.05``  the same with eps = 0.05: scales in (0.05, 1.05), the control's range
+                            bounded away from 0 (eps = 0.5 also allows scales above 1, which changes
+                            expressiveness, not only the tail near 0)
+``bounded``                 ``scale = a + (b - a) sigmoid(s)``, [a, b] = [0.5, 1] (remedy 3)
+``randomized_splits``       the control with a fixed random channel permutation between each
+                            level's last coupling and its split (remedy 4)
+``affine_sigmoid_kept``     the control in Glow's own arrangement (see below)
+==========================  ===============================================================
 
-Randomized splits: Daniels inserts "random permutations of intermediate activation channels before
-each flow step", in addition to the 1x1 convolutions. Here each step gets a fixed
-:class:`~stableflows.transforms.linear.Permutation` (``shuffle``, its own seed) in front of its
-ActNorm, then the LU 1x1 convolution as in the control. Note: ActNorm is per channel and the 1x1
-convolution starts as a random orthogonal matrix, so a fixed permutation in front of a step leaves
-the *initial* distribution of the model unchanged (P is absorbed by the random rotation); only the
-LU parameterisation (fixed pivots) sees the difference. Whatever the study finds for this variant
-is measured against that baseline expectation of "no difference".
+Arrangement. Daniels (Fig. 2) describes the factored-out noise as the *conditioner input* of the
+first coupling of the sampling pass after a split ("Immediately following a SPLIT layer, z_i is the
+input to CNN"); that is why special latents such as z = 0 can drive its scales towards 0. Every
+variant but the last is built so (``glow(split_condition="factored")``). In Glow's published code the
+factored-out half is the half that coupling *transforms*, not its input; ``affine_sigmoid_kept`` is
+the control in that arrangement, for comparison.
+
+Randomized splits: "random permutations of intermediate activation channels, inserted before each
+flow step" -- before each step *of the sampling pass*. Between two steps of a level such a
+permutation is absorbed by the next 1x1 convolution (any invertible channel mixing); at a split it is
+not: put after a level's last coupling (``glow(split_shuffle=True)``), it makes the factored-out
+channels a random mix of that coupling's conditioner and transformed halves, so noise and
+intermediate activations both feed the first coupling after the split.
 
 Measured per variant (paper figure in brackets):
 
@@ -42,6 +52,7 @@ this scale, with the numbers. The prior refit of paper 000 (App. I) runs on the 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -55,29 +66,32 @@ import torch
 from torch import Tensor, nn
 
 from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from ..models.factories import glow
 from ..transforms.base import Compose, trace
 from ..transforms.coupling import AffineCoupling
-from ..transforms.linear import Permutation
 from ..transforms.multiscale import MultiScale
-from ..transforms.normalization import ActNorm
+from ._common import Claim, Report
 
-__all__ = ["DesignSize", "QUICK", "FULL", "VARIANTS", "build_variant", "add_randomized_splits", "exploded",
+__all__ = ["DesignSize", "QUICK", "FULL", "VARIANTS", "build_variant", "feasible_levels", "exploded",
            "first_couplings_after_splits", "sample_at_zero", "scale_distribution", "train_variant",
            "glow_design_choices", "EXPERIMENTS", "STABLE_ACTIVATION"]
 
 STABLE_ACTIVATION = 1e4  # largest |activation| of an unclipped z = 0 sample still counted as stable
 SCALE_FLOOR = 1e-30  # smallest scale shown on the log axis of the Fig. 3 histogram
+LOGIT_ALPHA = 0.05  # the setting of the README's figures (measured before the library default became 0.003)
 
+ARRANGEMENT = "factored"  # Daniels' Fig. 2: the factored-out noise conditions the next coupling
 VARIANTS: dict[str, dict] = {
     "affine_exp": dict(coupling="affine", scale="exp"),
     "affine_sigmoid": dict(coupling="affine", scale="sigmoid"),
     "additive": dict(coupling="additive", scale="sigmoid"),
     "biased_sigmoid": dict(coupling="affine", scale="biased_sigmoid"),
+    "biased_sigmoid_eps0.05": dict(coupling="affine", scale="biased_sigmoid", scale_floor=0.05),
     "bounded": dict(coupling="affine", scale="bounded"),
-    "randomized_splits": dict(coupling="affine", scale="sigmoid", randomized=True),
+    "randomized_splits": dict(coupling="affine", scale="sigmoid", split_shuffle=True),
+    "affine_sigmoid_kept": dict(coupling="affine", scale="sigmoid", split_condition="kept"),
 }
 CONTROL = "affine_sigmoid"
+LIVE_FAMILIES = "test,samples,clipped"  # the audit of the live (non-EMA) weights
 
 
 @dataclass(frozen=True)
@@ -110,39 +124,28 @@ FULL = DesignSize(steps=1500, hidden=64, levels=3, steps_per_level=4, batch_size
 
 
 # ----------------------------------------------------------------------------- models
-def add_randomized_splits(flow: nn.Module, *, seed: int = 0) -> nn.Module:
-    """Insert a fixed random channel permutation in front of every flow step (every ActNorm) of
-    ``flow``, in place; seeds ``seed, seed + 1, ...`` in forward order. Returns ``flow``."""
-    k = 0
-    for m in list(flow.modules()):
-        if not isinstance(m, Compose):
-            continue
-        layers = []
-        for layer in m.layers:
-            if isinstance(layer, ActNorm):
-                layers.append(Permutation(layer.shape, kind="shuffle", seed=seed + k))
-                k += 1
-            layers.append(layer)
-        m.layers = nn.ModuleList(layers)
-    if k == 0:
-        raise ValueError("add_randomized_splits found no flow step (ActNorm) to put a permutation in front of")
-    return flow
+def feasible_levels(shape, levels: int) -> int:
+    """The largest number of levels ``<= levels`` the image ``(C, H, W)`` can be squeezed into
+    (Fashion-MNIST's 28 x 28: 2 levels where digits' 8 x 8 take 3)."""
+    k = levels
+    while k > 1 and (shape[1] % 2 ** k or shape[2] % 2 ** k):
+        k -= 1
+    return k
 
 
 def build_variant(name: str, size: DesignSize, *, shape=(1, 8, 8), seed: int = 0) -> tuple[nn.Module, ModelConfig]:
-    """The Glow of variant ``name`` (see :data:`VARIANTS`) and the ModelConfig describing its base."""
+    """The Glow of variant ``name`` (see :data:`VARIANTS`) and its ModelConfig (everything the
+    variant changes is a config field, so the run's checkpoints rebuild the same model)."""
+    from ..models.registry import build_model
+
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
-    spec = dict(VARIANTS[name])
-    randomized = spec.pop("randomized", False)
-    cfg = ModelConfig(model="glow", hidden=size.hidden, levels=size.levels, steps_per_level=size.steps_per_level,
-                      coupling=spec["coupling"], scale=spec["scale"], permutation="lu")
+    spec = {"split_condition": ARRANGEMENT, **VARIANTS[name]}
+    cfg = ModelConfig(model="glow", hidden=size.hidden, levels=feasible_levels(shape, size.levels),
+                      steps_per_level=size.steps_per_level, permutation="lu", logit_alpha=LOGIT_ALPHA,
+                      **spec)
     torch.manual_seed(seed)
-    flow = glow(shape=shape, levels=size.levels, steps_per_level=size.steps_per_level, hidden=size.hidden,
-                coupling=spec["coupling"], scale=spec["scale"], permutation="lu", config=cfg)
-    if randomized:
-        add_randomized_splits(flow, seed=1000 + seed)
-    return flow, cfg
+    return build_model(cfg, shape), cfg
 
 
 def first_couplings_after_splits(flow: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -234,13 +237,15 @@ def _scale_summary(v: np.ndarray) -> dict:
 
 
 # ----------------------------------------------------------------------------- training
-def train_variant(name: str, size: DesignSize, splits, out_dir: Path, *, seed: int = 0) -> dict:
+def train_variant(name: str, size: DesignSize, splits, out_dir: Path, *, seed: int = 0,
+                  data_dir: str | None = None) -> dict:
     """Train variant ``name``; returns the model (validation-selected weights) and its curve."""
     from ..train.checkpoint import load_checkpoint
     from ..train.loop import TrainingDiverged, train
+    from ._common import PROGRESS
 
     flow, mcfg = build_variant(name, size, shape=tuple(splits.shape), seed=seed)
-    cfg = RunConfig(model=mcfg, data=DataConfig(name=splits.name),
+    cfg = RunConfig(model=mcfg, data=DataConfig(name=splits.name, data_dir=data_dir),
                     train=TrainConfig(steps=size.steps, batch_size=size.batch_size, lr=size.lr,
                                       warmup=min(100, max(1, size.steps // 10)), ema_decay=size.ema_decay,
                                       eval_every=size.loss_every, seed=seed, out_dir=str(out_dir), progress=False))
@@ -253,24 +258,31 @@ def train_variant(name: str, size: DesignSize, splits, out_dir: Path, *, seed: i
     t0 = time.perf_counter()
     diverged = None
     try:
-        res = train(cfg, model=flow, splits=splits, callbacks=[on_eval], overwrite=True)
+        res = train(cfg, model=flow, splits=splits,
+                    callbacks=[on_eval, PROGRESS.train_callback(f"{name} (seed {seed})", size.steps)],
+                    overwrite=True)
         test_bpd, nonfinite = res.test, res.nonfinite_steps
     except TrainingDiverged as e:
         diverged, test_bpd, nonfinite = str(e), math.nan, None
+    live = copy.deepcopy(flow)  # the weights of the last step (the optimiser's, not averaged)
+    last = out_dir / "last.pt"
+    if last.is_file():
+        live.load_state_dict(load_checkpoint(last)["model"])
     best = out_dir / "best.pt"
-    if best.is_file():
+    if best.is_file():  # the validation-selected EMA weights
         flow.load_state_dict(load_checkpoint(best)["model"])
     flow.eval()
-    return {"flow": flow, "curve": curve, "test_bpd": test_bpd, "nonfinite_steps": nonfinite,
+    live.eval()
+    return {"flow": flow, "live": live, "curve": curve, "test_bpd": test_bpd, "nonfinite_steps": nonfinite,
             "diverged": diverged, "train_seconds": time.perf_counter() - t0,
             "n_params": int(sum(p.numel() for p in flow.parameters()))}
 
 
-def _audit(flow, splits, size: DesignSize, seed: int) -> dict:
+def _audit(flow, splits, size: DesignSize, seed: int, families: str | None = None) -> dict:
     from ..audit import audit
 
     clips = tuple(c for c in size.clips if c is not None)
-    rep = audit(flow, splits, families=size.audit_families, n=size.audit_n, temperatures=size.temperatures,
+    rep = audit(flow, splits, families=families or size.audit_families, n=size.audit_n, temperatures=size.temperatures,
                 clip_thresholds=clips, repeat=0,
                 spectra_points=size.spectra_points, localize=True, localize_points=8, shadow=True, seed=seed)
     return {k: v.to_dict() for k, v in rep.verdict.families.items()}
@@ -310,11 +322,15 @@ def _claims(rows: dict) -> list[dict]:
 
     c = rows.get(CONTROL)
     if c:
-        z0 = next(r for r in c["z0"] if r["clip"] is None)
-        bad = [k for k, v in c["audit"].items() if k.startswith("samples") and exploded(v)]
-        claim("003 Fig. 1/5: the affine (sigmoid) Glow cannot be inverted cleanly at z = 0 without clipping",
-              (not z0["finite"]) or z0["max_activation"] >= STABLE_ACTIVATION or "samples_t0" in bad,
-              f"z=0 finite={z0['finite']}, max activation {z0['max_activation']:.3g}; failing sample families {bad}")
+        for which, w in (("EMA", c), ("live", c.get("live"))):
+            if not w:
+                continue
+            z0 = next(r for r in w["z0"] if r["clip"] is None)
+            bad = [k for k, v in w["audit"].items() if k.startswith("samples") and exploded(v)]
+            claim(f"003 Fig. 1/5: the affine (sigmoid) Glow cannot be inverted cleanly at z = 0 without clipping "
+                  f"({which} weights)",
+                  (not z0["finite"]) or z0["max_activation"] >= STABLE_ACTIVATION or "samples_t0" in bad,
+                  f"z=0 finite={z0['finite']}, max activation {z0['max_activation']:.3g}; failing sample families {bad}")
         ts = sorted(t for t in c["scales"] if t > 0)  # equal sample counts (T = 0 has one sample)
         first = next((k for k in c["scales"][ts[0]] if k != "samples"), None) if ts else None
         if first is not None:
@@ -324,17 +340,26 @@ def _claims(rows: dict) -> list[dict]:
                   f"{first}: min s {hi.get('min', math.nan):.3g} at T={ts[-1]:g} vs {lo.get('min', math.nan):.3g} "
                   f"at T={ts[0]:g} ({hi['n']} values each); at z = 0: "
                   f"{c['scales'].get(0.0, {}).get(first, {}).get('min', math.nan):.3g}")
-    for name in ("biased_sigmoid", "bounded"):
+    for name in ("biased_sigmoid", "biased_sigmoid_eps0.05", "bounded"):
         if name in rows:
-            claim(f"003 sec. 2.1: {name} shows no sign of numerical instability after training", rows[name]["stable"],
-                  f"stable={rows[name]['stable']}, audit fails in domain on: {rows[name]['audit_failing']}")
+            r = rows[name]
+            live = r.get("live") or {}
+            claim(f"003 sec. 2.1: {name} shows no sign of numerical instability after training",
+                  r["stable"] and live.get("stable", True),
+                  f"stable: EMA {r['stable']}, live {live.get('stable')}; audit fails in domain on: {r['audit_failing']}")
+    kept = rows.get("affine_sigmoid_kept")
+    if kept and c:
+        claim("003 Fig. 2/3: with the noise as conditioner input (Daniels' arrangement) z = 0 drives the scales "
+              "lower than in Glow's arrangement (noise transformed)",
+              None if _min_scale_t0(c) is None or _min_scale_t0(kept) is None else _min_scale_t0(c) < _min_scale_t0(kept),
+              f"smallest scale at T=0: factored {_min_scale_t0(c)}, kept {_min_scale_t0(kept)}")
     if "additive" in rows and c:
         a, b = _mean_loss(rows["additive"]["curve"], False), _mean_loss(c["curve"], False)
         claim("003 Fig. 4: additive coupling trains noticeably worse than affine",
               None if a is None or b is None else a > b + 0.01,
               f"final training loss (bpd) additive {a} vs affine {b}; test bpd {rows['additive']['test_bpd']:.3f} vs "
               f"{c['test_bpd']:.3f}" if a is not None and b is not None else "no loss values")
-    for name in ("biased_sigmoid", "bounded"):
+    for name in ("biased_sigmoid", "biased_sigmoid_eps0.05", "bounded"):
         if name in rows and c:
             a, b = _mean_loss(rows[name]["curve"], True), _mean_loss(c["curve"], True)
             claim(f"003 Fig. 4: {name} trains somewhat faster than affine sigmoid (early loss lower)",
@@ -358,58 +383,78 @@ def _min_scale_t0(row: dict) -> float | None:
     return None if t0 is None else t0["samples"].get("min_scale_any_coupling")
 
 
-def glow_design_choices(out_dir, *, quick: bool = False, seed: int = 0, size: DesignSize | None = None,
+def _probe(flow, splits, size: DesignSize, seed: int, families: str | None = None) -> dict:
+    """z = 0 samples, scale distribution and audit verdicts of one set of weights."""
+    z0 = sample_at_zero(flow, size.clips)
+    scales = scale_distribution(flow, size.temperatures, size.n_samples, seed=seed)
+    audit = _audit(flow, splits, size, seed, families)
+    row = {"z0": z0, "scales_raw": scales, "audit": audit,
+           "audit_failing": [k for k, v in audit.items() if exploded(v)],
+           "audit_refused": {k: v["n_raised"] for k, v in audit.items() if v["n_raised"]}}
+    row["scales"] = {t: {k: (v if k == "samples" else _scale_summary(v)) for k, v in d.items()}
+                     for t, d in scales.items()}
+    row["stable"] = _is_stable(row)
+    return row
+
+
+def glow_design_choices(out_dir, *, quick: bool = False, seed: int = 0, data: str = "digits",
+                        data_dir: str | None = None, size: DesignSize | None = None,
                         variants: Sequence[str] | None = None, verbose: bool = True) -> dict:
-    """Paper 003 on digits: six Glow coupling designs trained and audited; control's prior refit (000 App. I).
+    """Paper 003 on digits: eight Glow designs trained and audited (EMA and live weights); the
+    control's prior refit (000 App. I).
 
     Writes ``summary.json`` (everything, curves included), ``table.md`` and the figures into
     ``out_dir``; returns the summary without the per-step curves and scale quantiles.
     """
-    from ..data import load_dataset
+    from ._common import PROGRESS, levels_text, load_data
     from .prior_refit import refit_study
 
     size = size or (QUICK if quick else FULL)
     variants = list(variants or VARIANTS)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    splits = load_dataset(DataConfig(name="digits"), seed=seed)
+    splits = load_data(data, data_dir, seed)
     rows: dict[str, dict] = {}
     flows: dict[str, nn.Module] = {}
     for name in variants:
         if verbose:
-            print(f"glow-design-choices: training {name} ({size.steps} steps)", flush=True)
-        run = train_variant(name, size, splits, out / "runs" / name, seed=seed)
+            PROGRESS.emit(f"glow-design-choices: training {name} ({size.steps} steps)")
+        run = train_variant(name, size, splits, out / "runs" / name, seed=seed, data_dir=data_dir)
         flow = flows[name] = run.pop("flow")
-        z0 = sample_at_zero(flow, size.clips)
-        scales = scale_distribution(flow, size.temperatures, size.n_samples, seed=seed)
-        audit = _audit(flow, splits, size, seed)
-        row = {**run, "z0": z0, "scales_raw": scales, "audit": audit,
-               "audit_failing": [k for k, v in audit.items() if exploded(v)],
-               "audit_refused": {k: v["n_raised"] for k, v in audit.items() if v["n_raised"]}}
-        row["scales"] = {t: {k: (v if k == "samples" else _scale_summary(v)) for k, v in d.items()}
-                         for t, d in scales.items()}
-        row["stable"] = _is_stable(row)
+        live = run.pop("live")
+        PROGRESS.phase(f"{name}: audit of the EMA and live weights")
+        row = {**run, **_probe(flow, splits, size, seed)}
+        row["live"] = _probe(live, splits, size, seed, LIVE_FAMILIES)
         rows[name] = row
         if verbose:
-            print(f"  test bpd {run['test_bpd']:.3f}, stable {row['stable']}, audit fails on {row['audit_failing']}",
-                  flush=True)
+            PROGRESS.emit(f"  test bpd {run['test_bpd']:.3f}, stable {row['stable']} (live weights "
+                          f"{row['live']['stable']}), audit fails on {row['audit_failing']}")
     refit = None
     if CONTROL in flows:
         refit = refit_study(flows[CONTROL], splits, out, epochs=size.refit_epochs, seed=seed)
     claims = _claims(rows)
     stable = [k for k, r in rows.items() if r["stable"]]
+    note = levels_text(splits.levels)
     summary = {
         "size": dataclasses.asdict(size),
         "seed": seed,
-        "randomized_splits": "fixed random channel permutation (Permutation 'shuffle') before every step's "
-                             "ActNorm, LU 1x1 convolution kept",
+        "data": data,
+        "levels": splits.levels,
+        "levels_note": note,
+        "arrangement": f"every variant but affine_sigmoid_kept: glow(split_condition={ARRANGEMENT!r}), the "
+                       "factored-out noise conditions the first coupling of the sampling pass (003 Fig. 2)",
+        "randomized_splits": "glow(split_shuffle=True): a fixed random channel permutation between each level's "
+                             "last coupling and its split, mixing both coupling halves into the factored-out channels",
         "variants": {k: _row_json(r) for k, r in rows.items()},
+        "rows": [variant_row(k, r) for k, r in rows.items()],
         "stable_variants": stable,
-        "statement": (f"At this scale ({size.steps} steps, hidden {size.hidden}, {size.levels} levels x "
-                      f"{size.steps_per_level} steps) the inverse stayed stable for: {', '.join(stable) or 'none'}; "
+        "statement": (f"At this scale ({data}, {note}; {size.steps} steps, hidden {size.hidden}, "
+                      f"{feasible_levels(splits.shape, size.levels)} levels x {size.steps_per_level} steps) the inverse "
+                      f"stayed stable for: {', '.join(stable) or 'none'}; "
                       f"unstable: {', '.join(k for k in rows if k not in stable) or 'none'} (stable: the audit finds no "
                       f"in-domain failure on held-out data nor on samples at T in {list(size.temperatures)}, and the "
-                      f"unclipped z = 0 sample is finite with activations below {STABLE_ACTIVATION:g})."),
+                      f"unclipped z = 0 sample is finite with activations below {STABLE_ACTIVATION:g}; EMA weights, the "
+                      f"live weights are in the table)."),
         "claims": claims,
         "prior_refit": refit,
         "figures": _plots(out, rows, size, splits.shape),
@@ -422,6 +467,28 @@ def glow_design_choices(out_dir, *, quick: bool = False, seed: int = 0, size: De
     return compact
 
 
+def _log10(v) -> float | None:
+    return None if v is None else (math.log10(v) if v > 0 else -math.inf)
+
+
+def variant_row(name: str, r: dict) -> dict:
+    """The figures of one variant that ``reproduce --seeds`` aggregates."""
+    def z0(row):
+        return next(z for z in row["z0"] if z["clip"] is None)
+
+    def min_t0(row):
+        t0 = row["scales"].get(0.0, row["scales"].get("0.0", {}))
+        return t0.get("samples", {}).get("min_scale_any_coupling")
+
+    live = r.get("live", {})
+    return {"variant": name, "test_bpd": r["test_bpd"], "final_loss": _mean_loss(r["curve"], False),
+            "early_loss": _mean_loss(r["curve"], True), "stable": r["stable"],
+            "stable_live": live.get("stable"), "z0_finite": z0(r)["finite"], "z0_max_activation": z0(r)["max_activation"],
+            "min_scale_t0": min_t0(r), "min_scale_t0_live": min_t0(live) if live else None,
+            "log10_min_scale_t0": _log10(min_t0(r)), "log10_min_scale_t0_live": _log10(min_t0(live)) if live else None,
+            "z0_max_activation_live": z0(live)["max_activation"] if live else None}
+
+
 def _row_json(r: dict) -> dict:
     return {"test_bpd": r["test_bpd"], "n_params": r["n_params"], "train_seconds": r["train_seconds"],
             "nonfinite_steps": r["nonfinite_steps"], "diverged": r["diverged"], "stable": r["stable"],
@@ -432,7 +499,10 @@ def _row_json(r: dict) -> dict:
             "audit_failing": r["audit_failing"], "audit_refused": r["audit_refused"],
             "audit": {k: {f: v[f] for f in ("status", "n_fail", "n_checked", "n_nonfinite", "n_outside_domain",
                                              "max_error", "shadow_max_error", "cause", "culprit")}
-                      for k, v in r["audit"].items()}}
+                      for k, v in r["audit"].items()},
+            "live": {"stable": r["live"]["stable"], "audit_failing": r["live"]["audit_failing"],
+                     "z0": [{k: v for k, v in z.items() if k != "image"} for z in r["live"]["z0"]],
+                     "scales": {str(t): d for t, d in r["live"]["scales"].items()}} if "live" in r else None}
 
 
 def _json_safe(v):
@@ -462,16 +532,21 @@ def _fail_text(r: dict, k: str) -> str:
 
 
 def _markdown(s: dict) -> str:
-    lines = ["# Glow design choices on digits (paper 003) and prior refit (paper 000 App. I)", "",
-             s["statement"], "",
-             "| variant | test bpd | final loss | stable | z=0 finite | z=0 max act. | min scale T=0 | audit: fails in domain on |"
-             " samples refused by the logit |",
+    lines = [f"# Glow design choices on {s.get('data', 'digits')} (paper 003) and prior refit (paper 000 App. I)", "",
+             s["statement"], "", s.get("arrangement", ""), "",
+             "| variant | test bpd | final loss | stable (EMA / live) | z=0 finite | z=0 max act. (EMA / live) | "
+             "min scale T=0 (EMA / live) | audit: fails in domain on | samples refused by the logit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for k, r in s["variants"].items():
         z0 = next(z for z in r["z0"] if z["clip"] is None)
         t0 = r["scales"].get("0.0", {}).get("samples", {})
-        lines.append(f"| {k} | {_fmt(r['test_bpd'], 4)} | {_fmt(r['final_loss'], 4)} | {r['stable']} | {z0['finite']} | "
-                     f"{_fmt(z0['max_activation'])} | {_fmt(t0.get('min_scale_any_coupling'))} | "
+        live = r.get("live") or {}
+        lz0 = next((z for z in live.get("z0", []) if z["clip"] is None), {})
+        lt0 = live.get("scales", {}).get("0.0", {}).get("samples", {})
+        lines.append(f"| {k} | {_fmt(r['test_bpd'], 4)} | {_fmt(r['final_loss'], 4)} | {r['stable']} / "
+                     f"{live.get('stable')} | {z0['finite']} | {_fmt(z0['max_activation'])} / "
+                     f"{_fmt(lz0.get('max_activation'))} | {_fmt(t0.get('min_scale_any_coupling'))} / "
+                     f"{_fmt(lt0.get('min_scale_any_coupling'))} | "
                      f"{', '.join(f'{k} ({_fail_text(r, k)})' for k in r['audit_failing']) or '-'} | "
                      f"{', '.join(f'{k}: {v}' for k, v in r['audit_refused'].items() if k.startswith('samples')) or '-'} |")
     lines += ["", "## Claims of the paper at this scale", "", "| claim | reproduced | evidence |", "|---|---|---|"]
@@ -548,5 +623,23 @@ def _plots(out: Path, rows: dict, size: DesignSize, shape) -> dict:
         files["scale_distribution"] = "scale_distribution.png"
     return files
 
+
+REPORTS = {"glow-design-choices": Report(
+    keys=("variant",),
+    columns=("variant", "test_bpd", "final_loss", "early_loss", "stable", "stable_live", "z0_finite",
+             "z0_max_activation", "min_scale_t0", "min_scale_t0_live"),
+    claims=(Claim("003 Fig. 4: additive trains worse than affine (final loss, additive - affine > 0)", "final_loss",
+                  {"variant": "additive"}, {"variant": CONTROL}, lower=False),
+            Claim("003 Fig. 4: biased sigmoid (eps 0.5) trains faster than affine (early loss)", "early_loss",
+                  {"variant": "biased_sigmoid"}, {"variant": CONTROL}),
+            Claim("003 Fig. 4: biased sigmoid (eps 0.05) trains faster than affine (early loss)", "early_loss",
+                  {"variant": "biased_sigmoid_eps0.05"}, {"variant": CONTROL}),
+            Claim("003 Fig. 4: bounded trains faster than affine (early loss)", "early_loss",
+                  {"variant": "bounded"}, {"variant": CONTROL}),
+            Claim("003 sec. 2.2: randomized splits drive the smallest scale at z = 0 below the control's",
+                  "log10_min_scale_t0", {"variant": "randomized_splits"}, {"variant": CONTROL}),
+            Claim("003 Fig. 2: the noise as conditioner drives the smallest scale at z = 0 below Glow's arrangement",
+                  "log10_min_scale_t0", {"variant": CONTROL}, {"variant": "affine_sigmoid_kept"})),
+    unit="test bits/dim, training loss in bits/dim")}
 
 EXPERIMENTS = {"glow-design-choices": glow_design_choices}

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..config import DEFAULT_LOGIT_ALPHA
 from ..memory import MemorySavingCompose, set_memory_saving
 from ..transforms.base import ShapeError, Transform, check_finite, check_shape
 from ..transforms.coupling import AdditiveCoupling, AffineCoupling
@@ -241,7 +242,7 @@ HYBRID_DEFAULTS = {"coeff": 0.98, "activation": "lipswish", "estimator": "roulet
 def hybrid(*, shape: Sequence[int], n_classes: int = 10, block: str = "residual", lam: float = 1.0,
            levels: int = 2, steps_per_level: int = 4, hidden: int = 64, coupling: str = "affine",
            scale: str = "sigmoid", actnorm: bool | None = None, head: str = "linear", head_hidden: int = 128,
-           logit_alpha: float = 0.05, memory_saving: bool = False, coeff: float | None = None,
+           logit_alpha: float = DEFAULT_LOGIT_ALPHA, memory_saving: bool = False, coeff: float | None = None,
            activation: str | None = None, estimator: str | None = None, n_exact_terms: int = 2,
            n_series_terms: int = 5, n_power_iter: int | None = None, neumann_grad: bool = True,
            grad_in_forward: bool = True, norm: str = "spectral", config=None) -> InvertibleClassifier:

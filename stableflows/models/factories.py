@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from ..config import DEFAULT_LOGIT_ALPHA
 from ..transforms.base import Compose, ShapeError, Transform
 from ..transforms.coupling import AdditiveCoupling, AffineCoupling
 from ..transforms.splines import SplineCoupling
@@ -186,7 +187,7 @@ def _build(shape, *, levels, steps_per_level, logit_alpha, split_prior, config, 
 
 def glow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hidden: int = 64,
          coupling: str = "affine", scale: str = "sigmoid", permutation: str = "lu", mask: str = "channel",
-         logit_alpha: float = 0.05, split_prior: bool = True, actnorm: bool | None = None,
+         logit_alpha: float = DEFAULT_LOGIT_ALPHA, split_prior: bool = True, actnorm: bool | None = None,
          split_condition: str = "kept", split_shuffle: bool = False, scale_floor: float | None = None,
          config=None) -> Flow:
     """Glow (Kingma & Dhariwal 2018): ``levels`` x (squeeze, ``steps_per_level`` x [ActNorm, 1x1 conv,
@@ -230,7 +231,8 @@ def glow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hid
 
 
 def realnvp(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hidden: int = 64,
-            scale: str = "exp", mask: str = "checkerboard", logit_alpha: float = 0.05, actnorm: bool | None = None,
+            scale: str = "exp", mask: str = "checkerboard", logit_alpha: float = DEFAULT_LOGIT_ALPHA,
+            actnorm: bool | None = None,
             scale_floor: float | None = None, config=None) -> Flow:
     """RealNVP (Dinh et al. 2017): affine couplings with alternating masks (no 1x1 conv), ActNorm in
     place of batch norm, multi-scale with fixed standard-normal split priors.
@@ -252,7 +254,7 @@ def realnvp(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, 
 
 
 def nice(*, shape: Sequence[int], levels: int = 1, steps_per_level: int = 4, hidden: int = 64,
-         mask: str = "channel", logit_alpha: float = 0.05, config=None) -> Flow:
+         mask: str = "channel", logit_alpha: float = DEFAULT_LOGIT_ALPHA, config=None) -> Flow:
     """NICE (Dinh et al. 2015): additive couplings alternating halves, then a learned diagonal
     scaling (the only volume change besides the logit).
 

@@ -27,6 +27,11 @@ tensor of the model's dtype, a non-empty batch of the event shape, inside the do
 layer (e.g. the Logit's [0, 1]), and finite for ``log_prob`` (``forward`` / ``inverse`` propagate
 NaN / inf, which the audit counts); the layers inside trust it
 (:func:`~stableflows.transforms.base.validation` switches the checks off; compiled code skips them).
+
+``flow.compile(**torch_compile_options)`` compiles the three entry points in place
+(``torch.compile``; the model stays a :class:`Flow`, its checkpoints and copies are plain): the
+checks stay eager, in front of the compiled code, and traced calls (the audit, ``collect_stats``)
+run eagerly, so per-layer records are exactly those of the uncompiled model.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from torch import Tensor, nn
 
 from ..transforms.base import (LOG_2PI, ContextError, Transform, _module_dtype, check_context, check_finite,
                                check_model_context, check_shape, check_tensor, context_shape_of, requires_context,
-                               run_checked, sum_except_batch)
+                               run_checked, stats_wanted, sum_except_batch)
 from .distributions import BaseDistribution, StandardNormal, make_base
 
 SampleShape = Union[int, Sequence[int], torch.Size]
@@ -85,10 +90,44 @@ class Flow(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return run_checked(lambda v: self.check_input(v, finite=False, context=context),
-                           lambda v: self.transform(v, context), x)
+                           lambda v: self._entry("forward")(v, context), x)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return run_checked(lambda v: self.check_latent(v, context=context), lambda v: self.transform.inverse(v, context), z)
+        return run_checked(lambda v: self.check_latent(v, context=context),
+                           lambda v: self._entry("inverse")(v, context), z)
+
+    # ------------------------------------------------------------------ compilation
+    _ENTRIES = ("forward", "inverse", "log_prob")
+
+    def _eager(self, name: str):
+        return {"forward": self.transform, "inverse": self.transform.inverse, "log_prob": self._log_prob}[name]
+
+    def _entry(self, name: str):
+        compiled = self.__dict__.get("_compiled")
+        if compiled is None or stats_wanted():  # traced calls run eagerly: the records of every layer
+            return self._eager(name)
+        return compiled[name]
+
+    def compile(self, **options) -> "Flow":
+        """Compile ``forward``, ``inverse`` and ``log_prob`` with ``torch.compile(**options)`` in place
+        (e.g. ``fullgraph=True``, ``mode="max-autotune"``); returns ``self``. Initialise data-dependent
+        layers first (one training-mode forward: ActNorm), so that the compiled code has no branch on
+        the device. Deep copies (EMA, the audit's float64 shadow) and pickles are not compiled.
+        Shapes are static unless ``dynamic`` is given: every flow shares the layers' code, and with
+        automatic dynamic shapes a second flow of another image size made Inductor compile symbolic
+        sizes (torch 2.13: "cannot determine truth value of Relational" at 28x28 after 8x8)."""
+        options.setdefault("dynamic", False)
+        self.__dict__["_compiled"] = {name: torch.compile(self._eager(name), **options) for name in self._ENTRIES}
+        return self
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.__dict__.get("_compiled") is not None
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_compiled", None)  # compiled code belongs to this instance
+        return state
 
     def check_input(self, x: Tensor, what: str = "input", *, finite: bool = True, context: Tensor | None = None) -> None:
         """Raise a named error for a non-float tensor or one of another dtype than the model's, an
@@ -122,7 +161,8 @@ class Flow(nn.Module):
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``log p(x)`` (``log p(x | context)`` for a conditional flow) per example, shape ``(B,)``."""
-        return run_checked(lambda v: self.check_input(v, context=context), lambda v: self._log_prob(v, context), x)
+        return run_checked(lambda v: self.check_input(v, context=context),
+                           lambda v: self._entry("log_prob")(v, context), x)
 
     def log_prob_parts(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(log p(z), log|det dz/dx|)`` per example; their sum is ``log_prob(x)``."""

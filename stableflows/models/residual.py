@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from ..config import DEFAULT_LOGIT_ALPHA
 from ..transforms.base import Compose, ShapeError, Transform
 from ..transforms.elementwise import Logit
 from ..transforms.lipschitz import DEFAULT_COEFF, DEFAULT_MAX_POWER_ITER, NORMS, RefreshOnEval, chain_orders
@@ -207,7 +208,7 @@ _COMMON_ARGS = """
 
 
 def resflow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hidden: int = 64,
-            logit_alpha: float = 0.05, actnorm: bool | None = None, coeff: float | None = None,
+            logit_alpha: float = DEFAULT_LOGIT_ALPHA, actnorm: bool | None = None, coeff: float | None = None,
             activation: str | None = None, norm: str = "spectral", estimator: str | None = None,
             n_exact_terms: int = 2, eval_exact_terms: int = 20, n_samples: int = 1, dist: str = "geometric",
             p: float | None = None, probe: str = "gaussian", n_series_terms: int = 5, neumann_grad: bool = True,
@@ -227,7 +228,7 @@ def resflow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, 
 
 
 def iresnet(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, hidden: int = 64,
-            logit_alpha: float = 0.05, actnorm: bool | None = None, coeff: float | None = None,
+            logit_alpha: float = DEFAULT_LOGIT_ALPHA, actnorm: bool | None = None, coeff: float | None = None,
             activation: str | None = None, norm: str = "spectral", estimator: str | None = None,
             n_exact_terms: int = 2, eval_exact_terms: int = 20, n_samples: int = 1, dist: str = "geometric",
             p: float | None = None, probe: str = "gaussian", n_series_terms: int = 5, neumann_grad: bool = True,

@@ -165,18 +165,32 @@ def _typicality(bpd: dict, entropy: float, fams: list, cfg: OODConfig) -> dict:
         t_in = S.typicality_batches(bpd["test"], entropy, m, k=cfg.bootstrap, seed=cfg.seed + 1)
         row = {"threshold": thr, "false_alarm_test": float(np.mean(t_in > thr))}
         for f in fams:
+            if not np.isfinite(bpd[f]).any():  # no likelihood at all: nothing to test
+                row[f] = None
+                continue
             t_out = S.typicality_batches(bpd[f], entropy, m, k=cfg.bootstrap, seed=cfg.seed + 2)
             row[f] = {**S.ood_metrics(t_in, t_out), "detection_rate": float(np.mean(t_out > thr))}
         out[f"M={m}"] = row
     return out
 
 
+def has_likelihood(bpd: np.ndarray) -> bool:
+    """Whether any example of a set has a finite likelihood (a set the model refuses entirely has
+    none: no AUROC of it is reported)."""
+    return bool(np.isfinite(bpd).any())
+
+
 # ----------------------------------------------------------------------------- main
 def analyze(flows: nn.Module | Sequence[nn.Module], splits, cfg: OODConfig = OODConfig(), *,
-            background: nn.Module | None = None, sets: dict[str, SetData] | None = None) -> OODResult:
+            background: nn.Module | None = None, sets: dict[str, SetData] | None = None,
+            progress: bool | str = False) -> OODResult:
     """Run the OOD analysis of ``flows`` (one flow, or several: an ensemble whose first member is
     "the model") on ``splits`` (discrete data). ``background``: a flow trained on perturbed data for
-    the likelihood ratio (Ren et al. 2019). ``sets`` overrides :func:`build_sets`."""
+    the likelihood ratio (Ren et al. 2019). ``sets`` overrides :func:`build_sets`. ``progress``:
+    True (a line per step), ``"periodic"`` (a line every 30 s) or False; on stderr."""
+    from ..audit.progress import Progress
+
+    prog = Progress(progress, prefix="ood")
     flows = [flows] if isinstance(flows, nn.Module) else list(flows)
     if not flows:
         raise ConfigError("analyze needs at least one flow")
@@ -189,6 +203,7 @@ def analyze(flows: nn.Module | Sequence[nn.Module], splits, cfg: OODConfig = OOD
     # 1. terms of every set under every member
     terms: list[dict[str, Terms]] = []
     for i, f in enumerate(flows):
+        prog.part(f"likelihoods of {len(sets)} sets" + (f" (member {i + 1} of {len(flows)})" if len(flows) > 1 else ""))
         terms.append({k: likelihood_terms(f, s.v, batch_size=cfg.batch_size, keep_z=i == 0) for k, s in sets.items()})
     t0 = terms[0]
     bpd = {k: _bpd(t.log_px, d, L) for k, t in t0.items()}
@@ -210,10 +225,12 @@ def analyze(flows: nn.Module | Sequence[nn.Module], splits, cfg: OODConfig = OOD
     meaningless = {k: np.zeros(s.v.shape[0], dtype=bool) for k, s in sets.items()}
     inv_summary = {}
     if cfg.check_invertibility:
+        prog.part("round trips of every set")
         for k, s in sets.items():
             r = invertibility(model, s.v, tol=cfg.tol, batch_size=cfg.batch_size)
             meaningless[k] = r["meaningless"]
             inv_summary[k] = r["summary"]
+        prog.part("invertibility audit of the families")
         try:
             summary["audit"] = audit_verdicts(model, splits, fams, n=cfg.n, tol=cfg.tol, seed=cfg.seed)
         except Exception as e:  # noqa: BLE001 - the per-example flags above stand on their own
@@ -236,12 +253,16 @@ def analyze(flows: nn.Module | Sequence[nn.Module], splits, cfg: OODConfig = OOD
     summary["best_score"] = _best_scores(summary["scores"], summary["typicality"], fams)
 
     # 2. decomposition per layer / scale
+    prog.part("decomposition per layer and scale")
     summary["decomposition"] = _decomposition(model, sets, t0, cfg)
 
     # 3. probes
+    prog.part("constant and random inputs, graying")
     summary["probes"] = _probes(model, sets, shape, L, cfg, arrays)
 
     # 5. second-order analysis
+    if cfg.second_order:
+        prog.part("second-order analysis")
     summary["second_order"] = (_second_order(model, sets, t0, fams, cfg, summary["model"]["constant_volume"])
                                if cfg.second_order else None)
 
@@ -249,6 +270,7 @@ def analyze(flows: nn.Module | Sequence[nn.Module], splits, cfg: OODConfig = OOD
     if len(flows) > 1:
         summary["ensemble"] = _ensemble(terms, sets, fams, d, L, arrays)
     summary["findings"] = _findings(summary, fams)
+    prog.done(f"done: {len(fams)} OOD families")
     return OODResult(summary=summary, arrays=arrays)
 
 
@@ -279,15 +301,19 @@ def _scores(sets, t0, bpd, entropy, fams, meaningless, terms, background, d, L, 
         tb = {k: likelihood_terms(background, s.v, batch_size=cfg.batch_size) for k, s in sets.items()}
         table["likelihood ratio -(log p - log p_bg)"] = {k: S.likelihood_ratio(t0[k].log_px, tb[k].log_px) for k in sets}
     arrays["scores"] = table
-    return {f: {name: S.ood_metrics(sc[in_], sc[f]) for name, sc in table.items()} for f in fams}
+    return {f: ({name: S.ood_metrics(sc[in_], sc[f]) for name, sc in table.items()} if has_likelihood(bpd[f])
+                else None) for f in fams}
 
 
 def _best_scores(scores: dict, typ: dict, fams: list) -> dict:
     out = {}
     for f in fams:
+        if scores[f] is None:
+            out[f] = None
+            continue
         cands = {name: m["auroc"] for name, m in scores[f].items()}
         for mkey, row in typ.items():
-            if mkey != "M=1":
+            if mkey != "M=1" and row.get(f) is not None:
                 cands[f"typicality {mkey} (batches)"] = row[f]["auroc"]
         best = max(cands, key=lambda k: cands[k])
         out[f] = {"score": best, "auroc": cands[best], "likelihood_auroc": scores[f]["likelihood (bpd)"]["auroc"]}
@@ -313,10 +339,10 @@ def _probes(model, sets, shape, L, cfg, arrays) -> dict:
     b_const = bpd_of(model, v_const, L, batch_size=cfg.batch_size)
     n_rand = sets["test"].v.shape[0] if cfg.n is None else int(cfg.n)
     b_rand = bpd_of(model, random_inputs(shape, n_rand, seed=cfg.seed), L, batch_size=cfg.batch_size)
-    gray_sets = {"test": sets["test"].v}
+    gray_sets = {"test": sets["test"].x}  # integer images: grayed towards the mid level, then dequantised
     for k in ("natural_patches",) + DATASET_FAMILIES:
-        if k in sets:
-            gray_sets[k] = sets[k].v
+        if k in sets and sets[k].x is not None:
+            gray_sets[k] = sets[k].x
     gray = graying_curve(model, gray_sets, L, factors=cfg.gray_factors)
     arrays["constant_bpd"] = (lv, b_const)
     return {"constant": {"levels": lv.tolist(), "bpd": [float(b) if np.isfinite(b) else None for b in b_const],
@@ -363,10 +389,11 @@ def _ensemble(terms, sets, fams, d, L, arrays) -> dict:
     ens = {k: logsumexp(np.stack([t[k].log_px for t in terms]), axis=0) - math.log(m) for k in sets}
     ens_bpd = {k: _bpd(v, d, L) for k, v in ens.items()}
     arrays["ensemble_bpd"] = ens_bpd
-    members = [{f: S.auroc(_bpd(t["test"].log_px, d, L), _bpd(t[f].log_px, d, L)) for f in fams} for t in terms]
+    members = [{f: (S.auroc(_bpd(t["test"].log_px, d, L), _bpd(t[f].log_px, d, L))
+                    if has_likelihood(_bpd(t[f].log_px, d, L)) else None) for f in fams} for t in terms]
     return {"members": m,
             "bpd": {k: S.summarize(v) for k, v in ens_bpd.items()},
-            "auroc": {f: S.auroc(ens_bpd["test"], ens_bpd[f]) for f in fams},
+            "auroc": {f: S.auroc(ens_bpd["test"], ens_bpd[f]) if has_likelihood(ens_bpd[f]) else None for f in fams},
             "member_auroc": members,
             "member_test_bpd": [float(np.nanmean(_bpd(t["test"].log_px, d, L))) for t in terms]}
 
@@ -375,24 +402,40 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _no_likelihood(name: str, stat: dict, n: int) -> str:
+    parts = []
+    if stat.get("outside_domain"):
+        parts.append(f"{stat['outside_domain']} outside the model's domain")
+    if stat.get("error"):
+        parts.append(f"{stat['error']} raised an error")
+    if stat.get("nonfinite"):
+        parts.append(f"{stat['nonfinite']} non-finite")
+    return f"{name}: no likelihood ({', '.join(parts) or 'none finite'} of {n} inputs): no AUROC, no verdict"
+
+
 def _findings(s: dict, fams: list) -> list[str]:
-    """Plain-language statements of what the numbers show."""
+    """Plain-language statements of what the numbers show; a set without a likelihood gets neither
+    an AUROC nor an "invertible", and the audit line names what it could not judge."""
     out = []
     test_bpd = s["sets"]["test"]["bpd"].get("mean")
     train_bpd = s["sets"]["train"]["bpd"].get("mean")
     out.append(f"mean bits/dim: train {_fmt(train_bpd)}, test {_fmt(test_bpd)}")
     for f in fams:
+        stat = s["sets"][f]["status"]
+        if s["scores"][f] is None:
+            out.append(_no_likelihood(f, stat, s["sets"][f]["bpd"]["n"]))
+            continue
         sc = s["scores"][f]["likelihood (bpd)"]
         fb = s["sets"][f]["bpd"].get("mean")
         inv = s["sets"][f]["invertibility"]
-        stat = s["sets"][f]["status"]
         msg = f"{f}: mean bpd {_fmt(fb)}; likelihood AUROC {sc['auroc']:.3f}"
         if sc["auroc"] < 0.5:
             msg += " (< 0.5: the model gives this OOD set HIGHER likelihood than the test split)"
         best = s["best_score"][f]
         msg += f"; best score {best['score']} with AUROC {best['auroc']:.3f}"
         if stat.get("outside_domain"):
-            msg += f"; {stat['outside_domain']} inputs outside the model's domain (no likelihood)"
+            msg += (f"; {stat['outside_domain']} inputs outside the model's domain (no likelihood; counted as "
+                    "detected by every score)")
         if inv and inv["n_meaningless"]:
             msg += (f"; inverse NOT stable on {inv['n_meaningless']}/{inv['n']} inputs "
                     f"(likelihood there is meaningless)")
@@ -402,10 +445,23 @@ def _findings(s: dict, fams: list) -> list[str]:
                     + (f", first at {av['culprit']}" if av.get("culprit") else "") + ")")
         out.append(msg)
     au = s.get("audit") or {}
-    bad = [k for k, v in au.items() if isinstance(v, dict) and v.get("status") == "not invertible"]
     if au and "error" not in au:
-        out.append("audit: " + (f"NOT invertible on {', '.join(bad)}" if bad else
-                                "invertible within tolerance on every audited family") + f" ({', '.join(au)})")
+        by = {st: [k for k, v in au.items() if isinstance(v, dict) and v.get("status") == st]
+              for st in ("invertible", "not invertible", "outside domain", "could not run")}
+        parts = []
+        if by["not invertible"]:
+            parts.append(f"NOT invertible on {', '.join(by['not invertible'])}")
+        if by["invertible"]:
+            parts.append("invertible within tolerance on " + ("every family it could judge" if not by["not invertible"]
+                                                              else "the others") + f" ({', '.join(by['invertible'])})")
+        if by["outside domain"]:
+            parts.append(f"no verdict on {', '.join(by['outside domain'])} (every input outside the model's domain)")
+        if by["could not run"]:
+            errs = {au[k].get("error") for k in by["could not run"]}
+            parts.append(f"COULD NOT RUN {', '.join(by['could not run'])}: {'; '.join(e for e in errs if e)}")
+        out.append("audit: " + "; ".join(parts))
+    elif au:
+        out.append(f"audit: could not run: {au['error']}")
     c = s["probes"]["constant"]
     if c["min_bpd"] is not None and test_bpd is not None:
         out.append(f"constant images: lowest bpd {c['min_bpd']:.3f} vs test {test_bpd:.3f}"
@@ -425,5 +481,6 @@ def _findings(s: dict, fams: list) -> list[str]:
         out.append("the log-det is the same for every input (constant-volume flow)")
     e = s.get("ensemble")
     if e:
-        out.append("ensemble of %d: AUROC %s" % (e["members"], ", ".join(f"{f} {a:.3f}" for f, a in e["auroc"].items())))
+        out.append("ensemble of %d: AUROC %s" % (e["members"], ", ".join(f"{f} {a:.3f}" for f, a in e["auroc"].items()
+                                                                           if a is not None)))
     return out

@@ -6,7 +6,13 @@ decomposition log p(x) = log p(z) + logdet per layer and scale, constant / rando
 the second-order prediction of each likelihood gap, better OOD scores (typicality test,
 complexity-corrected likelihood, latent norm, likelihood ratio with --background), ensembles
 (--ensemble) and, per family, whether the flow is still invertible there (a likelihood where the
-inverse has exploded is flagged meaningless).
+inverse has exploded is flagged meaningless). A set the model refuses entirely (every input outside
+its domain) has no likelihood: it gets no AUROC and no verdict.
+
+Each invocation writes into a new directory (default RUN/ood/<checkpoint>-<time>); an explicit
+--report directory is replaced with a notice. Exit status: 0 ok; 1 with --fail-on-noninvertible when
+the audit finds a family not invertible; 2 for a usage error (unknown family or option, missing
+files); 3 when the invertibility audit could not run a family (its error is printed).
 
 Examples:
   stableflows ood runs/glow --in digits --ood uniform,constant,natural_patches --report runs/glow/ood
@@ -43,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "natural_patches, grayed_mid, digits28 (28x28), or a dataset with local files (mnist, fashion-mnist, cifar10, svhn); "
                              "default: the seven generated families")
     parser.add_argument("--report", default=None, metavar="OUT_DIR",
-                        help="directory for ood.json and ood.html (default: RUN/ood)")
+                        help="directory for ood.json and ood.html (default: a new RUN/ood/<checkpoint>-<time>)")
     parser.add_argument("--ensemble", default=None, metavar="RUN,...",
                         help="further runs trained on the same data: report the ensemble p = mean_m p_m")
     parser.add_argument("--background", default=None, metavar="RUN",
@@ -67,6 +73,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, metavar="N",
                         help="examples per forward pass; does not change the result (default: 256)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    parser.add_argument("--fail-on-noninvertible", action="store_true",
+                        help="exit with status 1 when the audit finds a family not invertible within the tolerance")
+    parser.add_argument("--progress", dest="progress", action="store_true", default=None,
+                        help="progress lines on stderr (default: on; in a terminal a line per step, "
+                             "otherwise one every 30 s)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress lines")
+
+
+REPORT_FILES = ("ood.json", "ood.html")
+
+
+def _exit_status(summary: dict, fail_on_noninvertible: bool) -> int:
+    from ..exitcodes import COULD_NOT_RUN, NOT_INVERTIBLE, OK
+
+    au = summary.get("audit") or {}
+    if "error" in au or any(isinstance(v, dict) and v.get("status") == "could not run" for v in au.values()):
+        return COULD_NOT_RUN
+    if fail_on_noninvertible and any(isinstance(v, dict) and v.get("status") == "not invertible" for v in au.values()):
+        return NOT_INVERTIBLE
+    return OK
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,12 +131,25 @@ def run(args: argparse.Namespace) -> int:
     from .analysis import build_sets
 
     sets = build_sets(splits, ocfg)  # bad family names / missing files are usage errors
+    import sys
+
+    from ..audit.progress import progress_mode
+    from ..audit.report import earlier_report, new_report_dir
+    from ..train.checkpoint import resolve_checkpoint
+
+    ckpt_path = resolve_checkpoint(args.run)
     args._started = True
-    result = analyze(members, splits, ocfg, background=background, sets=sets)
-    result.summary["checkpoint"] = str(args.run)
-    out = Path(args.report) if args.report else (Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent) / "ood"
+    result = analyze(members, splits, ocfg, background=background, sets=sets, progress=progress_mode(args.progress))
+    result.summary["checkpoint"] = str(ckpt_path)
+    if args.report:
+        out = Path(args.report)
+        old = earlier_report(out, REPORT_FILES)
+        if old:
+            print(f"stableflows ood: note: replacing {', '.join(old)} of an earlier analysis in {out}", file=sys.stderr)
+    else:
+        out = new_report_dir(ckpt_path.parent / "ood", ckpt_path.stem)
     paths = write_report(result, out, title=f"OOD analysis of {args.run}")
     for line in result.summary["findings"]:
         print(line)
     print(f"report: {paths['html']} and {paths['json']}")
-    return 0
+    return _exit_status(result.summary, args.fail_on_noninvertible)

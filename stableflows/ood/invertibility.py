@@ -33,9 +33,11 @@ def invertibility(flow: nn.Module, v: Tensor, *, tol: float = INVERTIBLE_TOL, ba
     """Round-trip every model-space input of ``v`` through ``flow`` (its dtype and device).
 
     Returns per-example ``meaningless`` (bool numpy, non-finite or ``err > tol``; inputs outside the
-    model's domain are not flagged here -- they have no likelihood at all) and a JSON-friendly
-    summary: counts, error quantiles, ``verdict`` (``invertible`` when every in-domain example is
-    within tolerance, ``outside domain`` when no example is in the domain).
+    model's domain are not flagged here -- they have no likelihood at all -- nor are those whose
+    computation raised an error) and a JSON-friendly summary: counts, error quantiles, ``verdict``
+    (``invertible`` when every in-domain example is within tolerance, ``outside domain`` when no
+    example is in the domain, ``could not run`` when an example raised an error that is not a
+    verdict, with its text under ``error``).
     """
     from ..audit.adapters import as_invertible
     from ..audit.reconstruction import reconstruct
@@ -46,9 +48,10 @@ def invertibility(flow: nn.Module, v: Tensor, *, tol: float = INVERTIBLE_TOL, ba
         rec = reconstruct(model, v.to(device=device, dtype=dtype), batch_size=batch_size, keep=False)
     err = rec.err_l2.double().cpu().numpy()
     dom = rec.outside_domain.cpu().numpy()
+    could_not = rec.error.cpu().numpy()
     finite = rec.finite_inverse.cpu().numpy()
-    meaningless = ~dom & (~finite | ~(err <= tol))
-    ind = ~dom
+    meaningless = ~dom & ~could_not & (~finite | ~(err <= tol))
+    ind = ~dom & ~could_not
     e_in = err[ind & np.isfinite(err)]
     counts = rec.counts()
     summary = {
@@ -58,8 +61,9 @@ def invertibility(flow: nn.Module, v: Tensor, *, tol: float = INVERTIBLE_TOL, ba
         "frac_meaningless": float(meaningless.sum() / max(int(ind.sum()), 1)),
         "max_err": float(e_in.max()) if e_in.size else None,
         "median_err": float(np.median(e_in)) if e_in.size else None,
-        "verdict": ("outside domain" if not ind.any() else
+        "verdict": ("could not run" if could_not.any() else "outside domain" if not ind.any() else
                     "invertible" if not meaningless.any() else "not invertible"),
+        "error": rec.first_error(),
         "messages": {k: int(c) for k, c in list(rec.messages.items())[:5]},
         "source": "stableflows.audit.reconstruction",
     }

@@ -20,8 +20,6 @@ import numpy as np
 __all__ = ["write_report", "figures", "to_json"]
 
 IN_COLORS = {"train": "black", "val": "gray", "test": "tab:blue"}
-OOD_COLORS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
-              "gold", "navy")
 HIST_BINS = 40
 ZOOM_MARGIN_BPD = 1.0  # bits/dim around the in-distribution range in the zoomed histogram
 
@@ -66,15 +64,10 @@ def _png(fig) -> str:
 
 
 def _colors(names):
-    cyc = OOD_COLORS
-    out, i = {}, 0
-    for n in names:
-        if n in IN_COLORS:
-            out[n] = IN_COLORS[n]
-        else:
-            out[n] = cyc[i % len(cyc)]
-            i += 1
-    return out
+    """One colour per set, the same in every figure (and the same family as in the audit report)."""
+    from ..audit.fmt import family_colors
+
+    return family_colors(list(names))
 
 
 def _finite(a) -> np.ndarray:
@@ -124,9 +117,14 @@ def figures(result) -> dict[str, str]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     _hist(axes[0], bpd, colors, *_range(bpd), "bits/dim")
     axes[0].set_title("bits/dim of every set")
+    axes[0].legend(fontsize=7)
     ind = np.concatenate([_finite(bpd[k]) for k in ("train", "test") if k in bpd])
     lo, hi = float(ind.min()) - ZOOM_MARGIN_BPD, float(ind.max()) + ZOOM_MARGIN_BPD
     _hist(axes[1], bpd, colors, lo, hi, "bits/dim")
+    none = [k for k, v in bpd.items() if not np.isfinite(np.asarray(v, dtype=float)).any()]
+    if none:
+        axes[0].text(0.01, 0.98, "no likelihood: " + ", ".join(none), transform=axes[0].transAxes, va="top",
+                     fontsize=7)
     axes[1].set_title("zoom on the in-distribution range")
     axes[1].legend(fontsize=7)
     figs["bpd_histograms"] = _png(fig)
@@ -142,6 +140,7 @@ def figures(result) -> dict[str, str]:
         _hist(ax, d, colors, lo, hi, lab)
     axes[0].set_title("latent term")
     axes[1].set_title("volume term")
+    axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     figs["decomposition"] = _png(fig)
 
@@ -171,11 +170,11 @@ def figures(result) -> dict[str, str]:
     p = s["probes"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     lv, bc = a["constant_bpd"]
-    axes[0].plot(lv, bc, "o-", color="tab:red", label="constant image at level l")
+    axes[0].plot(lv, bc, "o-", color=colors.get("constant", "tab:red"), label="constant image at level l")
     if s["sets"]["test"]["bpd"].get("mean") is not None:
-        axes[0].axhline(s["sets"]["test"]["bpd"]["mean"], color="tab:blue", ls="--", label="test mean")
+        axes[0].axhline(s["sets"]["test"]["bpd"]["mean"], color=colors["test"], ls="--", label="test mean")
     if p["random"].get("mean") is not None:
-        axes[0].axhline(p["random"]["mean"], color="tab:green", ls=":", label="random images mean")
+        axes[0].axhline(p["random"]["mean"], color="dimgray", ls=":", label="random images mean")
     axes[0].set_xlabel("level l")
     axes[0].set_ylabel("bits/dim")
     axes[0].set_title("constant and random inputs")
@@ -185,10 +184,10 @@ def figures(result) -> dict[str, str]:
         if n == "factors":
             continue
         axes[1].plot(g["factors"], [np.nan if v is None else v for v in row["mean"]], "o-", label=n,
-                     color=colors.get(n, None))
+                     color=colors.get(n, _colors(list(colors) + [n])[n]))
     axes[1].set_xlabel("contrast factor a (1 = original, 0 = constant)")
     axes[1].set_ylabel("mean bits/dim")
-    axes[1].set_title("graying: v -> m + a (v - m)")
+    axes[1].set_title("graying: x -> round(m + a (x - m)), m = mid level, then dequantised")
     axes[1].invert_xaxis()
     axes[1].legend(fontsize=7)
     figs["probes"] = _png(fig)
@@ -213,12 +212,13 @@ def figures(result) -> dict[str, str]:
         figs["second_order"] = _png(fig)
 
     # AUROC heatmap
-    sc = s["scores"]
+    sc = {f: v for f, v in s["scores"].items() if v is not None}  # sets without a likelihood have no AUROC
     if sc:
         fams = list(sc)
         names = list(next(iter(sc.values())))
         typ = [k for k in s["typicality"] if k != "M=1"]
-        mat = np.array([[sc[f][n]["auroc"] for n in names] + [s["typicality"][m][f]["auroc"] for m in typ] for f in fams])
+        mat = np.array([[sc[f][n]["auroc"] for n in names] + [(s["typicality"][m].get(f) or {}).get("auroc", np.nan)
+                                                               for m in typ] for f in fams], dtype=float)
         cols = names + [f"typicality {m} (batches)" for m in typ]
         fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2, 0.5 * len(fams) + 2))
         im = ax.imshow(mat, vmin=0, vmax=1, cmap="RdYlGn")
@@ -226,7 +226,8 @@ def figures(result) -> dict[str, str]:
         ax.set_yticks(range(len(fams)), fams)
         for i in range(len(fams)):
             for j in range(len(cols)):
-                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7)
+                ax.text(j, i, "n/a" if np.isnan(mat[i, j]) else f"{mat[i, j]:.2f}", ha="center", va="center",
+                        fontsize=7)
         fig.colorbar(im, ax=ax, label="AUROC (OOD = positive)")
         ax.set_title("OOD detection: AUROC of each score against the test split")
         figs["auroc"] = _png(fig)
@@ -244,6 +245,7 @@ def figures(result) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- HTML
 def _f(v, nd: int = 3) -> str:
+    """bits/dim, AUROC and the like with ``nd`` decimals; see :func:`_e` for errors."""
     if v is None:
         return "n/a"
     if isinstance(v, bool):
@@ -252,7 +254,18 @@ def _f(v, nd: int = 3) -> str:
         return str(int(v))
     if isinstance(v, (float, np.floating)):
         return f"{v:.{nd}f}" if math.isfinite(v) else str(v)
+    if isinstance(v, (dict, list, tuple)):
+        from ..audit.fmt import settings_text
+
+        return html.escape(settings_text(v) if isinstance(v, dict) else ", ".join(map(str, v)))
     return html.escape(str(v))
+
+
+def _e(v) -> str:
+    """An error or a small positive number: 4 significant digits in any magnitude (never 0.000000)."""
+    from ..audit.fmt import num
+
+    return "n/a" if v is None else html.escape(num(float(v)) if isinstance(v, (int, float, np.floating)) else str(v))
 
 
 def _table(header: list, rows: list) -> str:
@@ -275,7 +288,7 @@ def _html(result, figs: dict, title: str) -> str:
                      _f(v["bpd"].get("mean")), _f(v["bpd"].get("std")), _f(v["log_pz_per_dim"].get("mean")),
                      _f(v["logdet_per_dim"].get("mean")), _f(v["status"]["outside_domain"]),
                      _f(v["status"]["nonfinite"] + v["status"]["error"]), _f(inv.get("verdict")),
-                     _f(inv.get("n_meaningless")), _f(inv.get("max_err"), 2 if not inv.get("max_err") else 6)])
+                     _f(inv.get("n_meaningless")), _e(inv.get("max_err"))])
     parts += ["<h2>Sets</h2>", _table(["set", "what", "n", "bpd mean", "bpd std", "log p(z)/D", "logdet/D",
                                         "outside domain", "non-finite", "inverse", "meaningless", "max round-trip err"],
                                        rows)]
@@ -286,22 +299,26 @@ def _html(result, figs: dict, title: str) -> str:
             parts.append(f"<p>audit failed: {html.escape(str(au['error']))}</p>")
         else:
             rows = [[html.escape(k), html.escape(v["status"]), f"{v['n_fail']}/{v['n_checked']}", _f(v["n_nonfinite"]),
-                     _f(v["n_outside_domain"]), _f(v["max_error"], 6), _f(v["shadow_max_error"], 6),
-                     html.escape(v.get("cause") or "-"), html.escape(v.get("culprit") or "-")] for k, v in au.items()]
+                     _f(v["n_outside_domain"]), _e(v["max_error"]), _e(v["shadow_max_error"]),
+                     html.escape(v.get("cause") or "-"),
+                     html.escape(v.get("error") if v.get("status") == "could not run" else (v.get("culprit") or "-"))]
+                    for k, v in au.items()]
             parts.append(_table(["family", "verdict", "fail", "non-finite", "outside domain", "max err",
-                                 "max err float64", "cause", "first failing layer"], rows))
+                                 "max err float64", "cause", "first failing layer / error"], rows))
     if "bpd_histograms" in figs:
         parts.append("<h2>Bits/dim (paper 004 Fig. 2)</h2>" + _img(figs["bpd_histograms"]))
     sc = s["scores"]
-    if sc:
-        names = list(next(iter(sc.values())))
-        rows = [[html.escape(f)] + [f"{_f(sc[f][n]['auroc'])} / {_f(sc[f][n]['aupr_out'])}" for n in names] +
-                [html.escape(s["best_score"][f]["score"])] for f in sc]
+    if any(v is not None for v in sc.values()):
+        names = list(next(v for v in sc.values() if v is not None))
+        rows = [[html.escape(f)] + ([f"{_f(sc[f][n]['auroc'])} / {_f(sc[f][n]['aupr_out'])}" for n in names] +
+                                    [html.escape(s["best_score"][f]["score"])] if sc[f] is not None else
+                                    ["no likelihood: no AUROC"] + [""] * len(names)) for f in sc]
         parts += ["<h2>OOD scores: AUROC / AUPR (OOD positive, test split negative)</h2>",
                   _table(["family"] + names + ["best"], rows)]
         typ = s["typicality"]
         rows = [[m, _f(r["threshold"]), _f(r["false_alarm_test"])] +
-                [f"{_f(r[f]['auroc'])} / {_f(r[f]['detection_rate'])}" for f in sc] for m, r in typ.items()]
+                [f"{_f(r[f]['auroc'])} / {_f(r[f]['detection_rate'])}" if r.get(f) else "n/a" for f in sc]
+                for m, r in typ.items()]
         parts += ["<h3>Typicality test (Nalisnick et al. 2019b): batch AUROC / detection rate at the threshold "
                   f"(alpha = {s['config']['alpha']})</h3>",
                   _table(["batch size", "threshold (bpd)", "false alarms on test"] + list(sc), rows)]

@@ -787,6 +787,8 @@ def _train(cfg: RunConfig, env: DistEnv, resume: bool, overwrite: bool, model: n
 
             text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
             tr._write("config.yaml", lambda p: atomic_write_text(p, text))
+        if cfg.train.compile:  # after the data-dependent initialisation and the EMA copy (not compiled)
+            model.compile()
         tr.start_distributed()
         return _run(tr, resumed=saved is not None)
     finally:

@@ -171,11 +171,13 @@ def check_shape(x: Tensor, event_shape: Sequence[int], what: str = "input") -> N
 
 
 def _module_dtype(module: nn.Module) -> torch.dtype | None:
-    """dtype of the first floating-point parameter of ``module`` (None without one)."""
+    """dtype holding most floating-point parameter entries of ``module`` (None without one): a single
+    parameter of another dtype (a float64 constant in a float32 model) does not decide it."""
+    counts: dict[torch.dtype, int] = {}
     for p in module.parameters():
         if torch.is_floating_point(p):
-            return p.dtype
-    return None
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else None
 
 
 # ----------------------------------------------------------------------------- contexts

@@ -19,6 +19,12 @@ warns (:class:`InverseNotConvergedWarning`) and, with ``strict=True``, raises
 :class:`~stableflows.transforms.base.InverseNotConverged` (:class:`NotContractiveError` for a bound
 ``>= 1``). Gradients through the inverse use the implicit function theorem
 (``dx/dz = (I + J_g)^-1``, an adjoint fixed point in backward), not the unrolled iterations.
+
+Under ``torch.compile`` a block runs eagerly (``torch.compiler.disable``: one graph break per block
+and direction), the layers around it compile: the log-det estimators differentiate ``g`` twice in
+training (the Neumann surrogate, the exact Jacobian with ``create_graph``), which AOTAutograd does
+not support; the Russian roulette draws its number of terms on the host, which sets the length of
+the series (one graph per count otherwise); the fixed-point inverse stops on a tolerance.
 """
 from __future__ import annotations
 
@@ -116,6 +122,7 @@ class ResidualBlock(Transform):
         return value
 
     # ------------------------------------------------------------------ forward
+    @torch.compiler.disable  # eager inside torch.compile: see _estimate
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.strict:
             self._check_contractive()
@@ -166,6 +173,7 @@ class ResidualBlock(Transform):
         bound = self.lipschitz_bound()
         return math.nan if bound is None else bound
 
+    @torch.compiler.disable  # eager inside torch.compile: a host loop to a tolerance, and the estimator
     def _inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         with frozen_normalization(self.g):  # every call of g below sees the same weights
             bound = self._check_contractive() if self.strict else None

@@ -1,4 +1,9 @@
-"""The invertible classifier has one default coupling, the same from Python, from a config and from
+"""Defaults that must not depend on the way a model is built.
+
+The logit pre-transform's alpha: one value (``DEFAULT_LOGIT_ALPHA``, chosen from measurements
+written next to it in ``stableflows/config.py``) for every factory and the CLI.
+
+The invertible classifier has one default coupling, the same from Python, from a config and from
 the command line: additive (poster 001: Lip(F) and Lip(F^-1) of additive blocks are bounded
 globally, of affine blocks only locally; in the supervised table affine without regulariser is the
 row that is not invertible). ``coupling = None`` (not given) is the model's own default; flows keep affine."""
@@ -13,8 +18,11 @@ import pytest
 
 from stableflows.cli import build_parser
 from stableflows.commands.options import config_from_args
-from stableflows.config import ModelConfig, RunConfig
-from stableflows.models import build_model, classifier, glow
+import inspect
+
+from stableflows.config import DEFAULT_LOGIT_ALPHA, ModelConfig, RunConfig
+from stableflows.models import build_model, classifier, glow, hybrid, iresnet, nice, realnvp, resflow
+from stableflows.transforms.elementwise import Logit
 from stableflows.transforms.coupling import AdditiveCoupling, AffineCoupling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +83,19 @@ def test_cli_trained_classifier_is_additive(tmp_path):
     model, ckpt = load_flow(out)
     assert ckpt["config"]["model"]["coupling"] is None
     assert _couplings(model) == {AdditiveCoupling}
+
+
+def test_logit_alpha_default_is_one_value_everywhere():
+    assert DEFAULT_LOGIT_ALPHA == 0.003 == ModelConfig().logit_alpha
+    for fn in (glow, realnvp, nice, resflow, iresnet, hybrid):
+        assert inspect.signature(fn).parameters["logit_alpha"].default == DEFAULT_LOGIT_ALPHA, fn.__name__
+    cli = _cli_config("--model", "glow", "--levels", "1", "--steps-per-level", "1", "--hidden", "4")
+    for flow in (glow(shape=(1, 4, 4), levels=1, steps_per_level=1, hidden=4), build_model(cli.model, (1, 4, 4))):
+        (logit,) = [m for m in flow.modules() if isinstance(m, Logit)]
+        assert logit.alpha == 0.003
+    # the reproduced tables keep the alpha their README figures were measured with
+    from stableflows.experiments import glow_design, hybrid as hybrid_exp
+
+    assert glow_design.LOGIT_ALPHA == hybrid_exp.LOGIT_ALPHA == 0.05
+    flow, cfg = glow_design.build_variant(glow_design.CONTROL, glow_design.QUICK)
+    assert cfg.logit_alpha == 0.05 and [m.alpha for m in flow.modules() if isinstance(m, Logit)] == [0.05]
