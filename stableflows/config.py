@@ -53,7 +53,9 @@ class ModelConfig:
     scale: str = "sigmoid"  # exp | sigmoid | biased_sigmoid | bounded | tanh_clamp | atan_clamp
     permutation: str = "lu"  # lu | conv1x1 | reverse | shuffle
     mask: str = "channel"  # channel | checkerboard
-    logit_alpha: float = DEFAULT_LOGIT_ALPHA  # logit pre-transform alpha (0 disables it); measured: see above
+    # logit pre-transform alpha (0 disables it); None: the model's own, DEFAULT_LOGIT_ALPHA (measured: see above)
+    # for density models, 0 for classifier (its FD penalty moves inputs outside the logit's domain)
+    logit_alpha: float | None = None
     split_prior: bool = True  # Glow's learned conditional prior for factored-out channels
     actnorm: bool | None = None  # None: the model's default (on; off for residual flows on 2-D toys)
     split_condition: str = "kept"  # glow: which half conditions the last coupling before a split: kept | factored

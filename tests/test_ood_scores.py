@@ -128,3 +128,27 @@ def test_background_perturbation():
     s = load_dataset(DataConfig(name="digits"))
     b = perturbed_splits(s, 0.2)
     assert torch.equal(b.test, s.test) and not torch.equal(b.train, s.train) and b.train.shape == s.train.shape
+
+
+def test_train_background_never_overwrites_silently(tmp_path, monkeypatch):
+    """Each call without out_dir gets its own run directory; a given one holding a run is refused
+    unless overwrite=True (the background model used to go to a fixed runs/background)."""
+    from stableflows.config import RunConfig
+    from stableflows.data import load_dataset
+    from stableflows.ood.background import train_background
+    from stableflows.train.rundir import RunDirError
+
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig.from_dict({"model": {"model": "glow", "levels": 1, "steps_per_level": 1, "hidden": 4},
+                               "data": {"name": "digits"},
+                               "train": {"steps": 2, "eval_every": 2, "progress": False, "ema_decay": 0.0}})
+    splits = load_dataset(cfg.data, seed=0)
+    a = train_background(cfg, splits)
+    b = train_background(cfg, splits)
+    dirs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(dirs) == 2 and all(d.startswith("glow-digits-background-") for d in dirs), dirs
+    assert (tmp_path / "runs" / dirs[0] / "best.pt").is_file() and a.steps == b.steps == 2
+    train_background(cfg, splits, out_dir=tmp_path / "bg")
+    with pytest.raises(RunDirError):
+        train_background(cfg, splits, out_dir=tmp_path / "bg")
+    assert train_background(cfg, splits, out_dir=tmp_path / "bg", overwrite=True).steps == 2

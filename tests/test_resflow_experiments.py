@@ -71,3 +71,27 @@ def test_checkerboard_quick(tmp_path):
     for r in s["rows"]:
         assert math.isfinite(r["test_nll"]) and r["test_nll"] > 0
     assert "inf" in (tmp_path / "table.md").read_text()
+
+
+def test_experiments_iterate_the_power_method_to_a_tolerance():
+    """The Residual Flow experiments run the power iteration to a tolerance, as the authors' code
+    (--sn-tol), not the library's fixed count: every normalised layer of the models they build gets
+    atol 1e-6 / rtol 1e-4, which runs more iterations than the one minimum."""
+    from stableflows.config import ModelConfig
+    from stableflows.experiments import pgd_range
+    from stableflows.experiments.resflow import CHECKER_MODEL, VECTOR_MODEL
+    from stableflows.models import build_model
+    from stableflows.transforms.lipschitz import LipschitzLinear
+
+    for spec, shape in ((dict(VECTOR_MODEL, model="resflow"), (64,)), (CHECKER_MODEL, (2,)),
+                        (pgd_range.MODELS["ResFlow"], (64,))):
+        model = build_model(ModelConfig(**spec), shape)
+        layers = [m for m in model.modules() if isinstance(m, LipschitzLinear)]
+        assert layers and all((m.atol, m.rtol) == (1e-6, 1e-4) for m in layers), spec
+        spectral = [m for m in layers if m.norm == "spectral"]
+        with torch.no_grad():  # weights moved away from the vectors' converged state, as by training steps
+            for m in spectral:
+                m.weight.add_(torch.randn(m.weight.shape, generator=torch.Generator().manual_seed(1)))
+        # the tolerance then takes several iterations; the library default exactly one
+        assert max(m._power_iteration(1, 100, m.atol, m.rtol) for m in spectral) > 2
+        assert {m._power_iteration(1, 100, None, None) for m in spectral} == {1}

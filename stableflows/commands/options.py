@@ -46,7 +46,8 @@ HELP: dict[str, str] = {
                          "(plain 1x1 conv) | reverse | shuffle (fixed random) | none",
     "model.mask": "coupling mask: channel (split channels in half) | checkerboard (alternating pixels)",
     "model.logit_alpha": "logit pre-transform y = logit(alpha + (1 - 2 alpha) v) of the dequantised data v in [0, 1); "
-                         "its log-det counts in bits/dim; 0 disables it",
+                         "its log-det counts in bits/dim; 0 disables it; not given: the model's own, "
+                         "0.003 for flows and hybrid, 0 for classifier (its FD penalty leaves the logit's domain)",
     "model.split_prior": "use Glow's learned conditional Gaussian prior for the channels factored out at each split",
     "model.base": "base distribution p_Z of flows: normal (N(0, I)) | diag_normal (Gaussian with learned mean and "
                   "scale per latent entry) | mixture (--base-components Gaussians, learned weights, means and scales)",

@@ -35,6 +35,7 @@ from ..models.flow import Flow
 from ..transforms.base import Compose
 from ..transforms.multiscale import ElementwiseAffine
 from ._common import PROGRESS, Claim, Report, fmt, levels_text, load_data, write_json
+from .resflow import POWER_TOL
 
 __all__ = ["pgd_range", "centred", "EXPERIMENTS", "REPORTS", "MODELS"]
 
@@ -42,7 +43,8 @@ WIDEN = 0.2  # [-0.5, 0.5] -> [-0.7, 0.7]
 MODELS = {
     "Glow": dict(model="glow", hidden=64, levels=3, steps_per_level=4, coupling="affine", scale="sigmoid",
                  permutation="lu", logit_alpha=0.0),
-    "ResFlow": dict(model="resflow", hidden=128, levels=1, steps_per_level=8, logit_alpha=0.0, n_power_iter=1),
+    "ResFlow": dict(model="resflow", hidden=128, levels=1, steps_per_level=8, logit_alpha=0.0, n_power_iter=1,
+                    **POWER_TOL),  # power iteration to a tolerance, as resflow-ablation
 }
 FLAT = {"ResFlow"}  # trained on images as vectors (as configs/resflow_digits.toml)
 TRAIN = dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.99, eval_every=100)

@@ -191,10 +191,13 @@ def _finish(layers, shape, latent, *, head, n_classes, head_hidden, logit_alpha,
 
 
 # ----------------------------------------------------------------------------- factories
+CLASSIFIER_LOGIT_ALPHA = 0.0  # classifier(): no logit unless asked for (see its docstring)
+
+
 def classifier(*, shape: Sequence[int], n_classes: int = 10, levels: int = 2, steps_per_level: int = 4,
                hidden: int = 64, coupling: str = "additive", scale: str = "sigmoid", permutation: str = "lu",
                mask: str = "channel", actnorm: bool | None = None, head: str = "linear", head_hidden: int = 128,
-               logit_alpha: float = 0.0, memory_saving: bool = False, config=None) -> InvertibleClassifier:
+               logit_alpha: float | None = None, memory_saving: bool = False, config=None) -> InvertibleClassifier:
     """An invertible classifier: [Logit] -> per level (squeeze, ``steps_per_level`` x [ActNorm,
     1x1 conv / permutation, ``coupling``]) -> ``head`` on the latent.
 
@@ -215,8 +218,11 @@ def classifier(*, shape: Sequence[int], n_classes: int = 10, levels: int = 2, st
         actnorm: ActNorm at the start of every step (None: on).
         head: ``"linear"`` | ``"mlp"`` | ``"bn_relu"`` | ``"conv"`` (:func:`make_head`).
         head_hidden: hidden width of the ``mlp`` / ``conv`` heads.
-        logit_alpha: logit pre-transform (0, the default: none; the classifiers of the papers read
-            the data as they are).
+        logit_alpha: logit pre-transform (0: none). None (not given): :data:`CLASSIFIER_LOGIT_ALPHA` = 0,
+            unlike the density models' ``DEFAULT_LOGIT_ALPHA``: the classifiers of papers 000 / 001 read
+            the data as they are, and the finite-difference regulariser evaluates ``F(x + eps d)``
+            with ``eps = 0.1``, which leaves ``[0, 1]`` (and a logit's domain) for inputs near the
+            borders; a classifier has no density to which the logit's log-det would contribute.
         memory_saving: recompute activations by inversion in the backward pass.
         config: the stored :class:`~stableflows.config.ModelConfig` (``build_model``).
     """
@@ -224,6 +230,7 @@ def classifier(*, shape: Sequence[int], n_classes: int = 10, levels: int = 2, st
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(CLASSIFIER_COUPLINGS)}")
     if permutation not in PERMUTATIONS:
         raise ValueError(f"unknown permutation {permutation!r}; choose one of {', '.join(PERMUTATIONS)}")
+    logit_alpha = CLASSIFIER_LOGIT_ALPHA if logit_alpha is None else logit_alpha
     shape = _check(shape, levels, steps_per_level, hidden, n_classes, logit_alpha)
     actnorm = True if actnorm is None else actnorm
 

@@ -8,8 +8,11 @@ the population-level statistics (smoothness, background, contrast) but not the s
 statistics explain. Score with :func:`stableflows.ood.scores.likelihood_ratio` or give the trained
 flow to :func:`stableflows.ood.analyze` as ``background=`` (CLI: ``--background RUN``).
 
-    splits_bg = perturbed_splits(splits, rate=0.2)
-    train(cfg.replace("train", out_dir="runs/background"), splits=splits_bg)
+    result = train_background(cfg, splits, rate=0.2)   # a new runs/<model>-<data>-background-<UTC time>
+    result = train_background(cfg, splits, out_dir="runs/bg", overwrite=True)   # replace the run in runs/bg
+
+``train_background`` trains into ``out_dir`` or, when it is not given, a new directory per call; a
+directory that already holds a run is refused unless ``overwrite`` (as ``stableflows train``).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from torch import Tensor
 
 from ..config import ConfigError
 
-__all__ = ["perturb", "perturbed_splits", "DEFAULT_RATE"]
+__all__ = ["perturb", "perturbed_splits", "train_background", "DEFAULT_RATE"]
 
 DEFAULT_RATE = 0.2  # Ren et al. use mutation rates 0.1-0.3 (tuned on validation data)
 
@@ -43,3 +46,20 @@ def perturbed_splits(splits, rate: float = DEFAULT_RATE, *, seed: int = 0):
     return dataclasses.replace(splits, train=perturb(splits.train, splits.levels, rate, seed=seed),
                                val=perturb(splits.val, splits.levels, rate, seed=seed + 1),
                                name=f"{splits.name}-perturbed")
+
+
+def train_background(cfg, splits, *, rate: float = DEFAULT_RATE, seed: int = 0, out_dir=None, overwrite: bool = False,
+                     **train_kw):
+    """Train the background model: ``cfg``'s flow on :func:`perturbed_splits` of ``splits``.
+
+    ``out_dir`` (default: a new ``runs/<model>-<data>-background-<UTC time>``; ``cfg.train.out_dir``
+    is the foreground run's and is not reused) holding a run is refused unless ``overwrite``.
+    ``train_kw`` go to :func:`stableflows.train.train`. Returns its :class:`TrainResult`.
+    """
+    from ..train.loop import train
+    from ..train.rundir import default_out_dir
+
+    bg = perturbed_splits(splits, rate, seed=seed)
+    if out_dir is None:
+        out_dir = default_out_dir(cfg.replace("data", name=f"{cfg.data.name}-background"))
+    return train(cfg.replace("train", out_dir=str(out_dir)), splits=bg, overwrite=overwrite, **train_kw)

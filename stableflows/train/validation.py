@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..config import ConfigError, RunConfig
+from ..config import DEFAULT_LOGIT_ALPHA, ConfigError, RunConfig
 
 __all__ = ["validate_config", "OBJECTIVE_CHOICES", "SUPERVISED", "SUPERVISED_ONLY", "MAX_SEED"]
 
@@ -91,10 +91,11 @@ def validate_config(cfg: RunConfig) -> None:
     if t.objective == "likelihood":
         rules += [(getattr(t, k) == off, f"train.{k} applies to the classification and hybrid objectives only "
                                          f"(train.objective is likelihood)") for k, off in SUPERVISED_ONLY.items()]
-    if t.objective in SUPERVISED and (t.fd_forward or 0) > 0 and (m.logit_alpha or 0) > 0:
+    alpha = m.logit_alpha if m.logit_alpha is not None else (0.0 if m.model == "classifier" else DEFAULT_LOGIT_ALPHA)
+    if t.objective in SUPERVISED and (t.fd_forward or 0) > 0 and alpha > 0:
         rules.append((False, f"train.fd_forward perturbs the input by eps = {t.fd_eps} in a random direction, "
                              f"which can leave the domain of the logit pre-transform (model.logit_alpha = "
-                             f"{m.logit_alpha}, inputs near [0, 1]): set model.logit_alpha = 0 "
+                             f"{alpha:g}, inputs near [0, 1]): set model.logit_alpha = 0 "
                              "(--logit-alpha 0)"))
     if ((t.angle_every or 0) > 0 or t.fallback) and not m.memory_saving:
         rules.append((False, "train.angle_every / train.fallback check memory-saving gradients: set "
