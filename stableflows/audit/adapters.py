@@ -10,13 +10,16 @@ analytic ``log|det dz/dx|``, a float64 copy (the *shadow*) and, for per-layer lo
   localised through the library's own sequence of transforms);
 * any ``nn.Module`` following the **layer protocol**: an attribute ``layers`` (a list, ``nn.ModuleList``
   or ``nn.Sequential``) holding its layers in data -> latent order. Each layer is a module with
-  ``forward(x)`` and ``inverse(z)`` (or ``reverse(z)``), each returning a tensor, a list of
+  ``forward(x)`` and ``inverse(z)`` (or ``reverse(z)``, or a forward taking ``reverse=True`` /
+  ``rev=True``), each returning a tensor, a list of
   tensors (several outputs) or a tuple whose first entry is the output (``(z, logdet)``); or a flow
   of stableflows or a peer library, or another protocol module (expanded in place). A layer with
   ``audit_split = True`` is a multi-scale split: its forward returns ``[h, z_out]`` and ``z_out``
   leaves the chain (it is part of the latent), its inverse takes ``[h, z_out]``. The model's own
   ``forward`` / ``inverse`` (or ``reverse``) are audited when it has them (the layers must
-  reproduce its forward, which is checked), else the composition of its layers is;
+  reproduce its forward, which is checked), else the composition of its layers is. A layer that is
+  a submodule of the model is reported under its dotted name (``blocks.0.flows.1.actnorm``), any
+  other as ``layers.i``;
 * a pair of callables ``(forward, inverse)`` on tensors, each returning a tensor or a tuple whose
   first entry is the output (a float64 shadow exists when both are bound methods of
   ``nn.Module`` s; localised when their module follows the protocol);
@@ -221,11 +224,37 @@ def _is_stableflows(model) -> bool:
 
 # ----------------------------------------------------------------------------- the layer protocol
 def _inverse_method(m) -> Callable | None:
+    """``m.inverse``, ``m.reverse``, or ``m(z, reverse=True)`` / ``m(z, rev=True)`` when its forward
+    takes such a flag (the convention of many standalone Glow / RealNVP implementations)."""
     for name in ("inverse", "reverse"):
         f = getattr(m, name, None)
         if callable(f):
             return f
+    flag = _reverse_flag(m)
+    if flag is not None:
+        return lambda z, _m=m, _f=flag: _m(z, **{_f: True})
     return None
+
+
+def _reverse_flag(m) -> str | None:
+    import inspect
+
+    fwd = getattr(m, "forward", None)
+    if not callable(fwd):
+        return None
+    try:
+        params = inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((f for f in ("reverse", "rev") if f in params), None)
+
+
+def _forward_call(m) -> Callable:
+    """``m(x)``, with ``reverse=False`` when its forward takes the flag."""
+    flag = _reverse_flag(m)
+    if flag is None:
+        return lambda v, _m=m: _m(v)
+    return lambda v, _m=m, _f=flag: _m(v, **{_f: False})
 
 
 def _item_steps(item, name: str) -> list[Step] | None:
@@ -253,7 +282,8 @@ def _item_steps(item, name: str) -> list[Step] | None:
     if not callable(item) or inverse is None:
         return None
     split = bool(getattr(item, "audit_split", False))
-    return [Step(name, type(item).__name__, lambda v, m=item: first_output(m(v)),
+    call = _forward_call(item)
+    return [Step(name, type(item).__name__, lambda v, c=call: first_output(c(v)),
                  lambda v, f=inverse: first_output(f(v)), split=split, module=item if isinstance(item, nn.Module)
                  else None)]
 
@@ -275,9 +305,11 @@ def protocol_chain(model, prefix: str = "") -> Chain | None:
     items = _layer_list(model)
     if items is None:
         return None
+    # a layer that is a registered submodule of the model is named by its own dotted path
+    owned = {id(m): n for n, m in model.named_modules() if n} if isinstance(model, nn.Module) else {}
     steps: list[Step] = []
     for i, item in enumerate(items):
-        sub = _item_steps(item, f"{prefix}layers.{i}")
+        sub = _item_steps(item, prefix + owned.get(id(item), f"layers.{i}"))
         if sub is None:
             return None
         steps += sub
@@ -291,7 +323,8 @@ def _has_own_maps(model: nn.Module) -> bool:
 def _protocol(model: nn.Module, chain: Chain) -> Invertible:
     path = ChainPath(chain)
     if _has_own_maps(model):
-        fwd, inv = (lambda x: first_output(model(x))), (lambda z: first_output(_inverse_method(model)(z)))
+        call, back = _forward_call(model), _inverse_method(model)
+        fwd, inv = (lambda x: first_output(call(x))), (lambda z: first_output(back(z)))
     else:
         fwd, inv = path.walk_forward, (lambda z: first_output(path.walk_inverse(z)))
     own = _has_own_maps(model)

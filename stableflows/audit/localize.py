@@ -15,11 +15,11 @@ protocol): the forward ``x -> z`` gives every elementary layer ``l`` its input `
 * the largest activation magnitude of each pass, the examples whose inverse output is non-finite,
   and the layer's ``stats`` (smallest affine scale, fixed-point iterations / residual / converged).
 
-The layer where the inverse *first explodes* is, walking the inverse path: the first with a
-non-finite output; else the first whose relative error ``rel_out`` exceeds the tolerance while its
-input was within it; else the first whose ``gain`` exceeds ``gain_threshold``. For latent inputs
-(samples) only the inverse pass exists; then only non-finite outputs, gains, activations and stats
-are available.
+The layer where the inverse *first explodes* is, walking the inverse path: the first whose
+relative error ``rel_out`` exceeds the tolerance while its input was within it, or whose output is
+non-finite (whichever comes first); else the first whose ``gain`` exceeds ``gain_threshold``.
+For latent inputs (samples) only the inverse pass exists; then only non-finite outputs, gains,
+activations and stats are available.
 
 Sampling with clipped activations (Daniels, paper 003 Fig. 1): :func:`clip_activations` clamps the
 output of every elementary layer of the inverse pass to ``[-c, c]``.
@@ -320,10 +320,13 @@ def _err(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _culprit(layers: list[LayerReport], tolerance: float, gain_threshold: float) -> tuple[str | None, str]:
+    """The first layer on the inverse path whose output is non-finite or whose relative error
+    exceeds the tolerance while its input was within it (a layer may blow the error up to finite
+    but useless values and a later one turn them non-finite: the earlier one is the culprit);
+    else the first whose gain exceeds the threshold."""
     for r in layers:
         if r.inv_nonfinite:
             return r.name, f"first non-finite output on the inverse path ({r.inv_nonfinite} examples)"
-    for r in layers:
         if r.rel_out > tolerance and not r.rel_in > tolerance:
             return r.name, (f"reconstruction error jumps here: relative error {r.rel_out:.3g} > {tolerance:g} "
                             f"(error in {r.err_in:.3g}, out {r.err_out:.3g}, own round trip {r.roundtrip:.3g})")
