@@ -116,6 +116,32 @@ def test_mnist_uses_the_same_mechanism_without_a_package(tmp_path, monkeypatch):
     assert int(load_dataset(DataConfig(name="mnist", val_size=0.0)).test.max()) == 8
 
 
+# ----------------------------------------------------------------------------- evaluation passes at 28x28
+def test_evaluation_passes_at_28x28_and_the_value_does_not_depend_on_them():
+    """On CPU a pass holds at most 2**16 values (83 images of 28x28, 512 of 8x8 digits); on a GPU the
+    512 stay. The bits/dim equal a one-pass float64 recomputation of -(log p(v) - D log L) / (D ln 2)
+    with the fixed noise u = rand(seed 0) (docs/METRICS.md)."""
+    from stableflows.models import glow
+    from stableflows.train.evaluate import EVAL_BATCH, eval_batch, evaluate
+
+    x28, x8 = torch.zeros(5, 1, 28, 28), torch.zeros(5, 1, 8, 8)
+    assert (eval_batch(x28, "cpu"), eval_batch(x8, "cpu"), eval_batch(x28, "cuda")) == (83, 512, EVAL_BATCH)
+    assert eval_batch(torch.zeros(0, 3, 256, 256), "cpu") == 1 and eval_batch(x28, "cpu", 16) == 16
+    torch.manual_seed(0)
+    flow = glow(shape=(1, 28, 28), levels=2, steps_per_level=1, hidden=8)
+    x = torch.randint(0, 256, (200, 1, 28, 28)).float()
+    with torch.no_grad():
+        flow.log_prob((x + 0.5) / 256)  # ActNorm initialisation
+    got = evaluate(flow, x, 256)  # passes of 83, 83, 34
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    flow64 = flow.double().eval()
+    with torch.no_grad():
+        logp = flow64.log_prob((x.double() + u.double()) / 256)
+    want = float((-(logp - 784 * math.log(256)) / (784 * math.log(2))).mean())
+    assert math.isclose(got, want, rel_tol=0, abs_tol=1e-4), (got, want)
+    assert math.isclose(evaluate(flow.float(), x, 256, batch_size=7), got, abs_tol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the real files
 def _have_package() -> bool:
     return all((PACKAGE_DIR / f"{n}.gz").is_file() or (PACKAGE_DIR / n).is_file() for n in NAMES)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..metrics import nats_to_bpd
-from .evaluate import EVAL_BATCH, EVAL_SEED, evaluate, fixed_noise, frozen_rng
+from .evaluate import EVAL_BATCH, EVAL_SEED, eval_batch, evaluate, fixed_noise, frozen_rng
 
 __all__ = [
     "DistEnv",
@@ -394,7 +394,7 @@ def evaluate_sharded(model: nn.Module, x: Tensor, levels: int | None, env: DistE
     model.eval()
     try:
         with frozen_rng(device):
-            local = _bpd_sum(model, x[lo:hi], u, levels, batch_size)
+            local = _bpd_sum(model, x[lo:hi], u, levels, eval_batch(x, device, batch_size))
     finally:
         model.train(was_training)
     total, count = env.all_reduce([local, float(hi - lo)]).tolist()

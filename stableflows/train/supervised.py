@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..regularizers import FD_EPS, FD_EVERY, FiniteDifferenceRegularizer, FlowObjectiveRegularizer, nll_per_dim
 from ..transforms.base import ShapeError
-from .evaluate import EVAL_BATCH, EVAL_SEED, fixed_noise, frozen_rng
+from .evaluate import EVAL_BATCH, EVAL_SEED, eval_batch, fixed_noise, frozen_rng
 from .objectives import Batch
 
 __all__ = ["ClassificationObjective", "HybridObjective", "evaluate_classifier", "make_objective", "OBJECTIVES"]
@@ -182,6 +182,7 @@ def evaluate_classifier(model: nn.Module, x: Tensor, y: Tensor, levels: int | No
     model.eval()
     u = fixed_noise(tuple(x.shape), seed, x.dtype) if levels is not None else None
     correct, ce_sum, dens_sum, n = 0, 0.0, 0.0, x.shape[0]
+    batch_size = eval_batch(x, device, batch_size)
     try:
         with frozen_rng(device):
             for i in range(0, n, batch_size):
