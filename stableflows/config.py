@@ -22,18 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from .transforms.base import StableflowsError
+from .transforms.elementwise import DEFAULT_LOGIT_ALPHA  # the measured default (see there)
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "ConfigError", "load_config",
            "DEFAULT_LOGIT_ALPHA"]
 
-# Default alpha of the logit pre-transform, measured (test bpd after a fixed number of steps, which does not
-# depend on the machine's load): demo Glow on digits (17 levels), 1000 steps, seeds 0 / 1: alpha 0.05 ->
-# 2.095 / 2.122, 0.02 -> 2.045, 0.01 -> 2.034 / 2.053, 0.003 -> 2.039 / 2.049, 0.001 -> 2.049; a small Glow
-# on Fashion-MNIST (256 levels, width 32, 2 x 2 steps), 2000 steps, seeds 0 / 1: 0.05 -> 4.40, 0.01 -> 4.01 / 3.96,
-# 0.003 -> 3.84 / 3.82, 0.001 -> 3.77.
-# 0.003 ties the best on digits and is close to the best on 256 levels. Paper configs pin their own
-# (configs/: Residual Flow 0.05 on CIFAR-10, 1e-5 on MNIST; Glow none).
-DEFAULT_LOGIT_ALPHA = 0.003
 
 
 class ConfigError(StableflowsError, ValueError):
