@@ -181,8 +181,10 @@ def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path, capsys):
     assert not [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]  # --no-progress
 
 
-def test_progress_bar_total_is_the_budget_that_stops_the_run():
+def test_progress_bar_total_is_the_budget_that_stops_the_run(monkeypatch):
     import io
+
+    monkeypatch.delenv("CI", raising=False)  # CI=1 turns the bar off by design; this test is about the bar
 
     from stableflows.train.progress import Progress, format_seconds
 
