@@ -162,3 +162,71 @@ def test_flow_without_pre_transform_has_no_pre_scale():
     dec = decompose(f, torch.rand(3, *SHAPE, dtype=torch.float64))
     assert dec.scale_names == ["scale 1", "scale 2"]
     assert np.allclose((dec.scale_logdet + dec.scale_log_pz).sum(0), dec.log_px, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- learned base distributions
+def _reference_base_log_prob(base, z: np.ndarray) -> tuple[float, np.ndarray | None]:
+    """log p_Z(z) of one flat latent written out in float64 numpy, and its per-entry terms when the
+    base factorises (diagonal Gaussian), from the base's parameters."""
+    c = 0.5 * math.log(2 * math.pi)
+    if base.kind == "diag_normal":
+        mu, ls = base.loc.detach().reshape(-1).numpy(), base.log_scale.detach().reshape(-1).numpy()
+        e = -0.5 * ((z - mu) / np.exp(ls)) ** 2 - ls - c
+        return float(e.sum()), e
+    w = base.logits.detach().numpy()
+    logw = w - (np.log(np.sum(np.exp(w - w.max()))) + w.max())
+    mu = base.loc.detach().reshape(base.components, -1).numpy()
+    ls = base.log_scale.detach().reshape(base.components, -1).numpy()
+    comp = logw + np.sum(-0.5 * ((z - mu) / np.exp(ls)) ** 2 - ls - c, axis=1)
+    m = comp.max()
+    return float(m + np.log(np.sum(np.exp(comp - m)))), None
+
+
+@pytest.mark.parametrize("kind", ["diag_normal", "mixture"])
+def test_terms_and_decomposition_use_the_flows_own_base(kind):
+    """A flow with a learned base: log p(z) is the base's density (not N(0, I)); per scale it splits
+    over the factored-out entries for a diagonal Gaussian and is left unsplit (NaN + note) for a mixture."""
+    torch.manual_seed(1)
+    flow = _ready(glow(shape=SHAPE, levels=2, steps_per_level=2, hidden=8, logit_alpha=0.05).with_base(kind,
+                                                                                                      components=3))
+    with torch.no_grad():
+        for p in flow.base.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7), dtype=p.dtype))
+    x = 0.05 + 0.9 * torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = likelihood_terms(flow, x)
+    dec = decompose(flow, x)
+    layout = [s for s in scale_layout(flow) if s.latent is not None]
+    for i in range(4):
+        z = flow.transform(x[i:i + 1])[0].reshape(-1).detach().numpy()
+        ref, entries = _reference_base_log_prob(flow.base, z)
+        _, ref_ld = _reference_log_prob(flow, x[i])
+        assert t.log_pz[i] == pytest.approx(ref, abs=1e-8)
+        assert t.log_px[i] == pytest.approx(ref + ref_ld, abs=1e-6)
+        assert dec.log_pz[i] == pytest.approx(ref, abs=1e-8)
+        scale_lpz = dict(zip(dec.scale_names, dec.scale_log_pz[:, i]))
+        for s in layout:
+            if entries is None:
+                assert math.isnan(scale_lpz[s.name])
+            else:
+                assert scale_lpz[s.name] == pytest.approx(float(entries[s.latent].sum()), abs=1e-8)
+    assert ("log_pz_note" in dec.summary()) == (kind == "mixture")
+
+
+def test_second_order_uses_the_base_and_drops_the_forms_that_assume_a_standard_normal():
+    from stableflows.ood.second_order import log_prob_derivatives, paper_eq6, second_order_prediction
+
+    torch.manual_seed(2)
+    flow = _ready(cv_glow(shape=SHAPE, levels=1, steps_per_level=1, hidden=4).with_base("diag_normal"))
+    with torch.no_grad():
+        flow.base.loc.add_(0.2)
+        flow.base.log_scale.sub_(0.1)
+    x0 = torch.full(SHAPE, 0.4, dtype=torch.float64)
+    val, _, _ = log_prob_derivatives(flow, x0)
+    z = flow.transform(x0.unsqueeze(0))[0].reshape(-1).detach().numpy()
+    ref, _ = _reference_base_log_prob(flow.base, z)
+    assert val == pytest.approx(ref + _reference_log_prob(flow, x0)[1], abs=1e-8)
+    xp = 0.2 + 0.6 * torch.rand(16, *SHAPE, dtype=torch.float64)
+    r = second_order_prediction(flow, xp, 0.5 + 0.0 * xp)
+    assert r["gauss_newton_diag"] is None and "gauss_newton_diag" not in r["sign_agrees"]
+    with pytest.raises(ValueError, match="N\\(0, sigma\\^2 I\\)"):
+        paper_eq6(flow, xp, 0.5 + 0.0 * xp)

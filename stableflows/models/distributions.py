@@ -55,6 +55,11 @@ class BaseDistribution(nn.Module):
     def log_prob(self, z: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def entry_log_prob(self, z: Tensor) -> Tensor | None:
+        """Per-entry log densities ``(B, *event_shape)`` summing to ``log_prob(z)`` when the
+        distribution factorises over the latent entries; None when it does not (a mixture)."""
+        return None
+
     def rsample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, *,
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
         raise NotImplementedError
@@ -80,6 +85,9 @@ class StandardNormal(BaseDistribution):
     def log_prob(self, z: Tensor) -> Tensor:
         return -0.5 * sum_except_batch(z.pow(2)) - 0.5 * self.dim * LOG_2PI
 
+    def entry_log_prob(self, z: Tensor) -> Tensor:
+        return -0.5 * z.pow(2) - 0.5 * LOG_2PI
+
     def rsample(self, n, temperature=1.0, generator=None, *, dtype=None, device=None):
         return self._noise((n, *self.event_shape), generator, dtype, device) * temperature
 
@@ -97,6 +105,10 @@ class DiagNormal(BaseDistribution):
     def log_prob(self, z: Tensor) -> Tensor:
         u = (z - self.loc) * torch.exp(-self.log_scale)
         return sum_except_batch(-0.5 * u.pow(2) - self.log_scale) - 0.5 * self.dim * LOG_2PI
+
+    def entry_log_prob(self, z: Tensor) -> Tensor:
+        u = (z - self.loc) * torch.exp(-self.log_scale)
+        return -0.5 * u.pow(2) - self.log_scale - 0.5 * LOG_2PI
 
     def rsample(self, n, temperature=1.0, generator=None, *, dtype=None, device=None):
         eps = self._noise((n, *self.event_shape), generator, dtype, device)

@@ -330,7 +330,7 @@ def _decomposition(model, sets, t0, cfg) -> dict:
         dec = decompose(model, s.v[torch.from_numpy(ok)])
         out[k] = {"n": int(ok.size), "max_abs_sum_error": float(np.max(np.abs(
                       dec.layer_logdet.sum(0) - dec.logdet))) if dec.layer_names else 0.0,
-                  "layers": dec.per_layer_mean(), "scales": dec.per_scale_mean()}
+                  **dec.summary()}
     return out
 
 

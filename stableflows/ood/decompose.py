@@ -1,8 +1,9 @@
 """Per-example likelihood terms and their decomposition (Nalisnick et al. 2019, paper 004, Fig. 4).
 
-For a flow ``z = F(x)`` with a standard-normal base,
+For a flow ``z = F(x)`` with base distribution ``p_Z`` (the flow's own ``base``: ``N(0, I)`` by
+default, or a learned diagonal Gaussian / mixture),
 
-    log p(x) = log N(F(x); 0, I) + log|det dF/dx| = log p(z) + logdet,
+    log p(x) = log p_Z(F(x)) + log|det dF/dx| = log p(z) + logdet,
 
 and the log-det is a sum over the elementary layers ``F = F_L o ... o F_1``,
 ``logdet = sum_l log|det dF_l/dh_{l-1}|`` (recorded per layer with
@@ -12,13 +13,17 @@ latent after each level; per *scale* ``k`` this module reports the log-det of th
 
     log p(x) = sum_k [log p(z_k) + logdet_k] + logdet_pre
 
-(``pre``: layers outside the multi-scale body, e.g. the logit pre-transform).
+(``pre``: layers outside the multi-scale body, e.g. the logit pre-transform). The split of
+``log p(z)`` over scales needs a base that factorises over the latent entries (``N(0, I)``, a
+diagonal Gaussian); for a mixture the per-scale ``log p(z_k)`` are NaN and ``log_pz_note`` says why
+(the total ``log p(z)`` is exact either way).
 
 Inputs a model refuses (:class:`~stableflows.transforms.base.InputOutsideDomain`, e.g. a logit
 pre-transform outside [0, 1]) or on which it fails get NaN terms and a status -- never dropped.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -30,7 +35,7 @@ from ..models.flow import standard_normal_log_prob
 from ..transforms.base import InputOutsideDomain, trace
 from ..transforms.multiscale import MultiScale
 
-__all__ = ["Terms", "likelihood_terms", "Decomposition", "decompose", "scale_layout", "ScaleInfo",
+__all__ = ["latent_log_prob", "Terms", "likelihood_terms", "Decomposition", "decompose", "scale_layout", "ScaleInfo",
            "EVAL_BATCH", "STATUS_OK", "STATUS_DOMAIN", "STATUS_ERROR", "STATUS_NONFINITE"]
 
 EVAL_BATCH = 256  # examples per forward pass
@@ -63,10 +68,26 @@ def _message(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
 
 
+def latent_log_prob(flow: nn.Module, z: Tensor) -> Tensor:
+    """``log p_Z(z)`` per example under the flow's base distribution (``flow.base``; ``N(0, I)`` for a
+    flow without one, e.g. the classifiers)."""
+    base = getattr(flow, "base", None)
+    return standard_normal_log_prob(z) if base is None else base.log_prob(z)
+
+
+def _entry_log_prob(flow: nn.Module, z: Tensor) -> Tensor | None:
+    """Per-entry ``log p_Z`` ``(B, D)`` when the base factorises over the entries, else None."""
+    base = getattr(flow, "base", None)
+    if base is None:
+        return (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).reshape(z.shape[0], -1)
+    e = base.entry_log_prob(z)
+    return None if e is None else e.reshape(z.shape[0], -1)
+
+
 @torch.no_grad()
 def _terms_batch(flow, v: Tensor, keep_z: bool):
     z, logdet = flow.transform(v)
-    lpz = standard_normal_log_prob(z)
+    lpz = latent_log_prob(flow, z)
     return lpz, logdet, (z.reshape(z.shape[0], -1) if keep_z else None)
 
 
@@ -160,7 +181,8 @@ class Decomposition:
     layer_logdet: np.ndarray  # (L, N)
     scale_names: list
     scale_logdet: np.ndarray  # (S, N)
-    scale_log_pz: np.ndarray  # (S, N); 0 for scales without latent entries ("pre")
+    scale_log_pz: np.ndarray  # (S, N); 0 for scales without latent entries ("pre"); NaN: see log_pz_note
+    log_pz_note: str = ""  # why log p(z) is not split over scales (a base that does not factorise)
 
     def per_layer_mean(self) -> list[dict]:
         return [{"layer": n, "type": t, "logdet_mean": float(np.mean(r))}
@@ -169,6 +191,13 @@ class Decomposition:
     def per_scale_mean(self) -> list[dict]:
         return [{"scale": n, "logdet_mean": float(np.mean(a)), "log_pz_mean": float(np.mean(b))}
                 for n, a, b in zip(self.scale_names, self.scale_logdet, self.scale_log_pz)]
+
+    def summary(self) -> dict:
+        """Per-layer and per-scale means (and the note when ``log p(z)`` is not split over scales)."""
+        out = {"layers": self.per_layer_mean(), "scales": self.per_scale_mean()}
+        if self.log_pz_note:
+            out["log_pz_note"] = self.log_pz_note
+        return out
 
 
 @torch.no_grad()
@@ -186,6 +215,8 @@ def decompose(flow: nn.Module, v: Tensor) -> Decomposition:
     try:
         with trace(flow) as tr:
             z, logdet = flow.transform(v)
+        lpz = latent_log_prob(flow, z).double().cpu().numpy()
+        entries = _entry_log_prob(flow, z)
     finally:
         flow.train(was_training)
     z = z.reshape(z.shape[0], -1)
@@ -204,14 +235,15 @@ def decompose(flow: nn.Module, v: Tensor) -> Decomposition:
             raise RuntimeError(f"layer {name!r} belongs to no scale of the flow")
         s_ld[k] += layer_ld[i]
         layer_scale.append(k)
+    note = "" if entries is not None else (f"the base distribution ({type(flow.base).__name__}) does not factorise "
+                                           "over the latent entries: log p(z) is not split over scales")
     for k, s in enumerate(layout):
         if s.latent is not None:
-            s_lpz[k] = standard_normal_log_prob(z[:, s.latent]).double().cpu().numpy()
+            s_lpz[k] = entries[:, s.latent].sum(1).double().cpu().numpy() if entries is not None else np.nan
     used = [layer_scale.count(k) > 0 or s.latent is not None for k, s in enumerate(layout)]  # drop an empty "pre"
     layout = [s for s, u in zip(layout, used) if u]
     s_ld, s_lpz = s_ld[used], s_lpz[used]
-    lpz = standard_normal_log_prob(z).double().cpu().numpy()
     ld = logdet.double().cpu().numpy()
     return Decomposition(log_px=lpz + ld, log_pz=lpz, logdet=ld, layer_names=names, layer_types=types,
                          layer_logdet=layer_ld, scale_names=[s.name for s in layout], scale_logdet=s_ld,
-                         scale_log_pz=s_lpz)
+                         scale_log_pz=s_lpz, log_pz_note=note)

@@ -36,13 +36,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..models.flow import standard_normal_log_prob
+from ..models.distributions import StandardNormal
 from ..transforms.linear import Invertible1x1
 from ..transforms.multiscale import MultiScale
 from ..transforms.reshape import Squeeze
-from .decompose import likelihood_terms
+from .decompose import latent_log_prob, likelihood_terms
 
-__all__ = ["second_moments", "log_prob_derivatives", "latent_jacobian", "curvature", "second_order_prediction",
+__all__ = ["standard_normal_base", "second_moments", "log_prob_derivatives", "latent_jacobian", "curvature",
+           "second_order_prediction",
            "paper_eq6", "HESSIAN_MAX_DIM"]
 
 HESSIAN_MAX_DIM = 1024  # exact Hessians up to this dimension (one backward pass per dimension)
@@ -77,7 +78,7 @@ def log_prob_derivatives(flow: nn.Module, x0: Tensor) -> tuple[float, Tensor, Te
 
     def logp(flat: Tensor) -> Tensor:
         z, ld = f.transform(flat.reshape(1, *shape))
-        return (standard_normal_log_prob(z) + ld)[0]
+        return (latent_log_prob(f, z) + ld)[0]
 
     x = x0.detach().reshape(-1).to(torch.float64).cpu().requires_grad_(True)
     val = logp(x)
@@ -129,13 +130,15 @@ def second_order_prediction(flow: nn.Module, x_p: Tensor, x_q: Tensor, *, x0: Te
     grad_term = float(g @ (mu_q - mu_p))
     curv_full = 0.5 * float(torch.sum(h * ds))  # 1/2 Tr(H dS), H and dS symmetric
     curv_diag = 0.5 * float(torch.sum(torch.diagonal(h) * torch.diagonal(ds)))
-    gn = -0.5 * float(torch.sum(gamma * torch.diagonal(ds)))
+    # -1/2 ||F||^2: the Gauss-Newton form holds for an N(0, I) base only
+    gn = -0.5 * float(torch.sum(gamma * torch.diagonal(ds))) if standard_normal_base(flow) else None
     if measured is None:
         tp, tq = likelihood_terms(flow, x_p), likelihood_terms(flow, x_q)
         measured = float(np.nanmean(tq.log_px) - np.nanmean(tp.log_px))
     var_p = _flat64(x_p).var(0, unbiased=False)
     var_q = _flat64(x_q).var(0, unbiased=False)
     preds = {"eq4": grad_term + curv_full, "eq5": curv_full, "eq5_diag": curv_diag, "gauss_newton_diag": gn}
+    signs = {k: bool(np.sign(v) == np.sign(measured)) for k, v in preds.items() if v is not None}
     return {
         "measured": measured,
         **preds,
@@ -144,11 +147,18 @@ def second_order_prediction(flow: nn.Module, x_p: Tensor, x_q: Tensor, *, x0: Te
         "trace_var_p": float(var_p.sum()),
         "trace_var_q": float(var_q.sum()),
         "log_p_x0": curv["log_p_x0"],
-        "sign_agrees": {k: bool(np.sign(v) == np.sign(measured)) for k, v in preds.items()},
+        "sign_agrees": signs,
         "dim": int(mu_p.numel()),
         "n_p": int(x_p.shape[0]),
         "n_q": int(x_q.shape[0]),
     }
+
+
+def standard_normal_base(flow: nn.Module) -> bool:
+    """Whether ``flow``'s base is ``N(0, I)`` (a flow without ``base`` counts as one), the latent the
+    Gauss-Newton form and Eq. 6 assume."""
+    base = getattr(flow, "base", None)
+    return base is None or isinstance(base, StandardNormal)
 
 
 def _first_level_kernels(flow: nn.Module) -> tuple[list[Tensor], bool]:
@@ -170,6 +180,8 @@ def paper_eq6(flow: nn.Module, x_p: Tensor, x_q: Tensor, *, latent_var: float = 
     with the variances taken in the channel layout the kernels act on (after the level's squeeze).
     Returns the prediction, ``gamma_c`` and the per-channel variance differences.
     """
+    if not standard_normal_base(flow):
+        raise ValueError(f"paper_eq6 assumes an N(0, sigma^2 I) latent; this flow's base is {type(flow.base).__name__}")
     kernels, squeezed = _first_level_kernels(flow)
     if not kernels:
         raise ValueError("paper_eq6 needs a flow with invertible 1x1 convolutions (Glow / CV-Glow)")
