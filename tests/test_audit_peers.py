@@ -356,6 +356,55 @@ def test_nflows_composite_transforms_are_localised_and_the_planted_layer_is_name
                          "_transform._transforms.1._transforms.1", "_transform._transforms.2"])
 
 
+def test_nflows_multiscale_transform_is_audited_and_says_it_is_not_localised():
+    """nflows' MultiscaleCompositeTransform: the model's own map is audited (errors as recomputed
+    here), and the report says why no layer can be named instead of naming none silently."""
+    pytest.importorskip("nflows")
+    from nflows import distributions, flows, transforms
+
+    torch.manual_seed(0)
+    ms = transforms.MultiscaleCompositeTransform(num_transforms=2, split_dim=1)
+    ms.add_transform(transforms.MaskedAffineAutoregressiveTransform(6, 16), transform_output_shape=[6])
+    ms.add_transform(transforms.MaskedAffineAutoregressiveTransform(3, 16), transform_output_shape=[3])
+    model = _perturb(flows.Flow(ms, distributions.StandardNormal([6])), 0.05)
+    x = _x()
+    rep = audit(model, x, families="test", spectra_points=0, repeat=0)
+    with torch.no_grad():
+        ref = _l2(x, ms.inverse(ms(x)[0])[0])
+    assert torch.equal(rep.families["test"].errors["l2"], ref)
+    assert rep.verdict["test"].status == "invertible"
+    text = rep.to_json()
+    assert "MultiscaleCompositeTransform: its splits are not walked, no per-layer localisation" in text
+
+
+def test_conditional_peer_flows_are_refused_with_the_way_out():
+    """Conditional zuko / FrEIA flows and multi-input FrEIA graphs: the audit cannot guess a context.
+    FrEIA's are refused with an error naming the (forward, inverse) pair as the way to audit them."""
+    from stableflows.audit import AdapterError
+
+    zuko = pytest.importorskip("zuko")
+    Ff, Fm = pytest.importorskip("FrEIA.framework"), pytest.importorskip("FrEIA.modules")
+    # zuko's lazy flows do not record a context size: called without one, the flow raises, and that
+    # is "could not run" with the exception's text, never a verdict
+    rep = audit(zuko.flows.MAF(4, context=2, transforms=1, hidden_features=[8]), torch.rand(8, 4), families="test",
+                spectra_points=0, repeat=0)
+    assert rep.verdict.could_not_run == ["test"] and rep.verdict.invertible is None
+    assert "mat1 and mat2 shapes cannot be multiplied (1x4 and 6x8)" in rep.verdict.table()
+
+    def sub(c_in, c_out):
+        return nn.Sequential(nn.Linear(c_in, 8), nn.ReLU(), nn.Linear(8, c_out))
+
+    seq = Ff.SequenceINN(4)
+    seq.append(Fm.AllInOneBlock, cond=0, cond_shape=(2,), subnet_constructor=sub)
+    with pytest.raises(AdapterError, match="conditional FrEIA SequenceINN"):
+        as_invertible(seq)
+    a, b = Ff.InputNode(2, name="a"), Ff.InputNode(2, name="b")
+    cat = Ff.Node([a.out0, b.out0], Fm.Concat, {}, name="cat")
+    graph = Ff.GraphINN([a, b, cat, Ff.OutputNode(cat, name="out")])
+    with pytest.raises(AdapterError, match="GraphINN with 2 input nodes"):
+        as_invertible(graph)
+
+
 # ----------------------------------------------------------------------------- PGD and the shadow
 def test_pgd_families_get_the_cause_from_the_float64_replay():
     """PGD points replayed in float64: the planted shift fails in float32 only, so every pgd:*
