@@ -225,7 +225,8 @@ def run_peers(args) -> dict:
         for cut in cuts:
             print(f"    cut: {cut}")
         out["models"][name] = {"wall_s": med, **res, "cuts": cuts, "counts": counts,
-                               "verdict": last.verdict.headline(), "localization": last.meta["localization"],
+                               "verdict": last.verdict.headline(), "verdict_table": last.verdict.table(),
+                               "localization": last.meta["localization"],
                                "notes": last.notes, "n_params": sum(p.numel() for p in c.module.parameters())}
     worst = max((m["wall_s"] for m in out["models"].values()), default=0.0)
     out["wall_s"] = worst
