@@ -177,3 +177,31 @@ def test_paper_pair_from_local_files(tmp_path):
     # a pair of different shapes is refused with a clear message
     with pytest.raises(ConfigError, match="shape"):
         build_sets(load_dataset(DataConfig(name="digits")), OODConfig(families=("mnist",), data_dir=str(tmp_path)))
+
+
+def test_histograms_have_legends_on_both_panels_and_the_audits_colours(runs, monkeypatch):
+    """Issue 17: the left bits/dim histogram had no legend; a set keeps the audit's colour."""
+    import matplotlib
+
+    from stableflows.audit.fmt import family_colors
+    from stableflows.ood import report as ood_report
+
+    a, _, _ = runs
+    flow, _ = load_flow(a)
+    splits = load_dataset(DataConfig(name="digits"))
+    cfg = OODConfig(families=("uniform", "constant"), n=40, typicality_m=(1,), bootstrap=20, second_order=False,
+                    check_invertibility=False, decompose_n=8)
+    r = analyze(flow, splits, cfg)
+    shown = []
+    monkeypatch.setattr(ood_report, "_png", lambda fig: shown.append(fig) or "")
+    ood_report.figures(r)
+    fig = shown[0]  # the bits/dim histograms
+    colors = family_colors(list(r.arrays["bpd"]))
+    for ax, expected in zip(fig.axes[:2], ({"train", "test", "uniform", "constant"}, {"train", "test"})):
+        leg = ax.get_legend()  # the zoomed panel shows the sets that fall in the in-distribution range
+        assert leg is not None
+        labels = [t.get_text() for t in leg.get_texts()]
+        assert expected <= set(labels)
+        for patch, label in zip(leg.legend_handles, labels):
+            color = patch.get_edgecolor() if label in ("train", "test", "val") else patch.get_facecolor()
+            assert matplotlib.colors.to_hex(color) == matplotlib.colors.to_hex(colors[label])
