@@ -98,13 +98,18 @@ def test_cli_report_end_to_end(runs):
     assert any("mean bits/dim" in line for line in s["findings"])
 
 
-def test_api_numbers_are_consistent(runs):
-    a, _, _ = runs
-    flow, _ = load_flow(a)
+@pytest.fixture(scope="module")
+def small_analysis(runs):
+    """(flow, splits, result) of a quick analysis of run ``a`` against uniform and constant inputs."""
+    flow, _ = load_flow(runs[0])
     splits = load_dataset(DataConfig(name="digits"))
     cfg = OODConfig(families=("uniform", "constant"), n=40, typicality_m=(1,), bootstrap=50, second_order=False,
                     check_invertibility=False, decompose_n=8)
-    r = analyze(flow, splits, cfg)
+    return flow, splits, analyze(flow, splits, cfg)
+
+
+def test_api_numbers_are_consistent(small_analysis):
+    flow, splits, r = small_analysis
     bpd = r.arrays["bpd"]
     # bits/dim of the test split = the training loop's evaluation formula with the fixed noise (seed 0)
     u = torch.rand(splits.test.shape, generator=torch.Generator().manual_seed(0))
@@ -179,19 +184,14 @@ def test_paper_pair_from_local_files(tmp_path):
         build_sets(load_dataset(DataConfig(name="digits")), OODConfig(families=("mnist",), data_dir=str(tmp_path)))
 
 
-def test_histograms_have_legends_on_both_panels_and_the_audits_colours(runs, monkeypatch):
+def test_histograms_have_legends_on_both_panels_and_the_audits_colours(small_analysis, monkeypatch):
     """Issue 17: the left bits/dim histogram had no legend; a set keeps the audit's colour."""
     import matplotlib
 
     from stableflows.audit.fmt import family_colors
     from stableflows.ood import report as ood_report
 
-    a, _, _ = runs
-    flow, _ = load_flow(a)
-    splits = load_dataset(DataConfig(name="digits"))
-    cfg = OODConfig(families=("uniform", "constant"), n=40, typicality_m=(1,), bootstrap=20, second_order=False,
-                    check_invertibility=False, decompose_n=8)
-    r = analyze(flow, splits, cfg)
+    _, _, r = small_analysis
     shown = []
     monkeypatch.setattr(ood_report, "_png", lambda fig: shown.append(fig) or "")
     ood_report.figures(r)

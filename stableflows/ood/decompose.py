@@ -23,7 +23,6 @@ pre-transform outside [0, 1]) or on which it fails get NaN terms and a status --
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -31,12 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..models.flow import standard_normal_log_prob
+from ..models.distributions import BaseDistribution, StandardNormal
 from ..transforms.base import InputOutsideDomain, trace
 from ..transforms.multiscale import MultiScale
 
-__all__ = ["latent_log_prob", "Terms", "likelihood_terms", "Decomposition", "decompose", "scale_layout", "ScaleInfo",
-           "EVAL_BATCH", "STATUS_OK", "STATUS_DOMAIN", "STATUS_ERROR", "STATUS_NONFINITE"]
+__all__ = ["latent_base", "latent_log_prob", "Terms", "likelihood_terms", "Decomposition", "decompose", "scale_layout",
+           "ScaleInfo", "EVAL_BATCH", "STATUS_OK", "STATUS_DOMAIN", "STATUS_ERROR", "STATUS_NONFINITE"]
 
 EVAL_BATCH = 256  # examples per forward pass
 STATUS_OK, STATUS_DOMAIN, STATUS_ERROR, STATUS_NONFINITE = "ok", "outside_domain", "error", "nonfinite"
@@ -68,19 +67,21 @@ def _message(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
 
 
-def latent_log_prob(flow: nn.Module, z: Tensor) -> Tensor:
-    """``log p_Z(z)`` per example under the flow's base distribution (``flow.base``; ``N(0, I)`` for a
-    flow without one, e.g. the classifiers)."""
+def latent_base(flow: nn.Module, z: Tensor) -> BaseDistribution:
+    """The flow's base distribution (``flow.base``), or ``N(0, I)`` on ``z``'s event shape for a flow
+    without one (e.g. the classifiers)."""
     base = getattr(flow, "base", None)
-    return standard_normal_log_prob(z) if base is None else base.log_prob(z)
+    return StandardNormal(z.shape[1:]) if base is None else base
+
+
+def latent_log_prob(flow: nn.Module, z: Tensor) -> Tensor:
+    """``log p_Z(z)`` per example under :func:`latent_base`."""
+    return latent_base(flow, z).log_prob(z)
 
 
 def _entry_log_prob(flow: nn.Module, z: Tensor) -> Tensor | None:
     """Per-entry ``log p_Z`` ``(B, D)`` when the base factorises over the entries, else None."""
-    base = getattr(flow, "base", None)
-    if base is None:
-        return (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).reshape(z.shape[0], -1)
-    e = base.entry_log_prob(z)
+    e = latent_base(flow, z).entry_log_prob(z)
     return None if e is None else e.reshape(z.shape[0], -1)
 
 

@@ -43,8 +43,7 @@ from ..transforms.reshape import Squeeze
 from .decompose import latent_log_prob, likelihood_terms
 
 __all__ = ["standard_normal_base", "second_moments", "log_prob_derivatives", "latent_jacobian", "curvature",
-           "second_order_prediction",
-           "paper_eq6", "HESSIAN_MAX_DIM"]
+           "second_order_prediction", "paper_eq6", "HESSIAN_MAX_DIM"]
 
 HESSIAN_MAX_DIM = 1024  # exact Hessians up to this dimension (one backward pass per dimension)
 
