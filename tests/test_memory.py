@@ -201,7 +201,9 @@ def test_ill_conditioned_affine_large_angle_and_fallback(caplog):
         x_rec = model.flow.inverse(model.flow(batch[0])[0])[0]
     assert float((x_rec - batch[0]).abs().max()) > 1e-2  # numerically non-invertible
     angle, rel = gradient_angle(model, batch)
-    assert not angle < 5.0 and not rel < 0.1  # (measured 7.7 deg, 0.13); NaN counts as large too
+    # measured 5.5-7.7 deg and 0.10-0.13 (it moves with the summation order of an ill-conditioned product);
+    # the well-conditioned twin below stays under 0.01 deg and 1e-4: ask for a 100x separation. NaN counts as large.
+    assert not angle < 1.0 and not rel < 0.01
     # the well-conditioned model: memory-saving gradient agrees to float32 precision
     ok = _Model(MemorySavingCompose(*_planted_affine(log_scale=0.0)))
     angle_ok, rel_ok = gradient_angle(ok, batch)
