@@ -76,6 +76,44 @@ def test_tiny_affine_scale_is_found_named_and_attributed_to_float_precision():
     assert float(sp.fwd_cond[region[sp.index]].min()) > 1e10
 
 
+class _TailNet(nn.Module):
+    """Conditioner whose scale is exp(-100) (a float32 subnormal) only where the kept input's first
+    entry exceeds 2 (about 2 % of N(0, 1) codes): the planted coupling's inverse divides by it and
+    overflows to inf on a rare tail of latents, as the trained 28x28 Glow's samples do."""
+
+    def forward(self, xa):
+        inside = (xa[:, :1] > 2.0).to(xa.dtype).expand(-1, 3)
+        return torch.cat([torch.zeros_like(inside), -100.0 * inside], dim=1)
+
+
+def test_latent_family_failing_on_a_rare_tail_is_localised_on_its_failing_codes():
+    """The localisation of a latent family traces its failing codes, not its first ones: here the
+    first ``k`` codes are healthy, and the planted layer must still be named by its inverse gain."""
+    from stableflows.models.flow import Flow
+
+    torch.manual_seed(0)
+    mix = AdditiveCoupling((D,), parity=1, hidden=8)
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.normal_(0, 0.3)
+    tail = AffineCoupling((D,), scale="exp", hidden=8)
+    tail.net = _TailNet()
+    flow = Flow(Compose(mix, tail), (D,)).eval()  # the inverse applies `tail` first, to z itself
+    k, n = 4, 256
+    rep = audit(flow, None, families="samples_t1", n=n, localize_points=k, spectra_points=4, repeat=0)
+    fam = rep.families["samples_t1"]
+    # independent reference: the failing codes are those in the tail, read off z alone
+    z = flow.sample_latent(n, 1.0, torch.Generator().manual_seed(0))
+    region = z[:, 0] > 2.0
+    assert 0 < int(region.sum()) < n // 10 and not bool(region[:k].any())  # the first k codes are healthy
+    errs = fam.errors["l2"]
+    assert bool((errs[region] > TOL).all()) and bool((errs[~region] <= TOL).all())
+    v = rep.verdict["samples_t1"]
+    assert v.status == "not invertible" and v.n_fail == int(region.sum())
+    assert v.culprit == "transform.layers.1", v.culprit_reason
+    assert fam.localization.layer("transform.layers.1").stats_inverse["min_scale"] < 1e-40
+
+
 def _planted_linear():
     """A 4-d LU linear layer W = L U with det 1e-12 and cond ~1.6e12 (computed from its parameters)."""
     torch.manual_seed(0)

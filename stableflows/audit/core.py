@@ -501,7 +501,10 @@ def _localization_groups(fams, results, m: Invertible, k: int):
         if fam.kind == "latent":
             if fam.clip is not None:
                 continue  # the clipped pass is not the model's inverse; see generation["clipped_entries"]
-            groups.append((None, fam.z[:k].to(m.dtype)))
+            # the failing latents first (their errors are inf), as for data: the first k codes of a
+            # family that fails on a rare tail would trace only healthy examples
+            idx = _worst(r.errors["l2"], ~r.recon.error, k)
+            groups.append((None, fam.z[idx].to(m.dtype)))
         else:
             if not bool(r._valid.any()):
                 continue
