@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stableflows.audit import audit
+from stableflows.audit.verdict import COULD_NOT_RUN, INVERTIBLE
 
 D = 6
 
@@ -272,3 +273,26 @@ def test_report_html_is_self_contained_with_embedded_images(tmp_path):
     assert "<link" not in text.lower() and "@import" not in text
     for name in ("test", "samples_t1", "constant", "pgd:linf"):
         assert name in text
+
+
+def test_audit_of_an_invertible_classifier_audits_its_invertible_part():
+    """A classifier's forward gives logits; the audit must round-trip x -> z -> x through its flow
+    (the 28x28 classifier runs could not be audited at all before), per layer, memory-saving or not."""
+    from stableflows.models.classifier import classifier
+
+    torch.manual_seed(0)
+    model = classifier(shape=(1, 8, 8), n_classes=10, levels=2, steps_per_level=2, hidden=8, coupling="affine",
+                       actnorm=True, logit_alpha=0.0, head="bn_relu", memory_saving=True)
+    x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.train().flow(x)  # ActNorm initialisation
+        for p in model.flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    rep = audit(model, x, families="test,samples", spectra_points=2, repeat=2)
+    l2, linf, _ = _ref_errors(x, lambda t: model.flow(t)[0], lambda z: model.flow.inverse(z)[0])
+    e = rep.families["test"].errors
+    assert torch.equal(e["l2"], l2) and torch.equal(e["linf"], linf)
+    assert float(l2.max()) > 0 and rep.families["test"].verdict.status == INVERTIBLE
+    s = rep.families["samples_t1"].verdict  # latents of the flow's shape (16, 2, 2), not the 10 logits
+    assert s.status != COULD_NOT_RUN and s.n_checked > 0

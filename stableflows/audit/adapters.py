@@ -407,6 +407,10 @@ def as_invertible(model, inverse: Callable | None = None, *, logdet: Callable | 
         return _callables(*model)
     if _is_stableflows(model):
         return _stableflows(model)
+    from ..models.classifier import InvertibleClassifier
+
+    if isinstance(model, InvertibleClassifier):  # its invertible part: forward(x) would give the logits
+        return _stableflows(model.as_flow())
     if type(model).__name__ == "Contender" and type(model).__module__.startswith("stableflows.bench"):
         return _contender(model)
     if peer_of(model) is not None:
