@@ -277,7 +277,7 @@ def test_report_html_is_self_contained_with_embedded_images(tmp_path):
 
 def test_audit_of_an_invertible_classifier_audits_its_invertible_part():
     """A classifier's forward gives logits; the audit must round-trip x -> z -> x through its flow
-    (the 28x28 classifier runs could not be audited at all before), per layer, memory-saving or not."""
+    (the 28x28 classifier runs could not be audited at all before), here with memory-saving on."""
     from stableflows.models.classifier import classifier
 
     torch.manual_seed(0)
