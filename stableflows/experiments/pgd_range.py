@@ -32,6 +32,7 @@ from torch import nn
 
 from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ..models.flow import Flow
+from ..data.ood import COMPANION_28
 from ..transforms.base import Compose
 from ..transforms.multiscale import ElementwiseAffine
 from ._common import PROGRESS, Claim, Report, fmt, levels_text, load_data, write_json
@@ -48,10 +49,20 @@ MODELS = {
 }
 FLAT = {"ResFlow"}  # trained on images as vectors (as configs/resflow_digits.toml)
 TRAIN = dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.99, eval_every=100)
+# 28x28 (Fashion-MNIST): 28 -> 14 -> 7 allows two levels; the validation split is cut to 2 % (1,200
+# images) so that the 2,000 steps of both flows and their attacks fit ~10 minutes a seed on 2 cores.
+MODELS_28 = {"Glow": dict(MODELS["Glow"], levels=2), "ResFlow": dict(MODELS["ResFlow"])}
+TRAIN_28 = dict(TRAIN, steps=2000, eval_every=500)
+SETTINGS = {"fashion-mnist": (MODELS_28, TRAIN_28, 0.02)}  # data -> (models, train, val_size); else digits'
 QUICK_MODELS = {"Glow": dict(MODELS["Glow"], hidden=8, levels=2, steps_per_level=1),
                 "ResFlow": dict(MODELS["ResFlow"], hidden=8, steps_per_level=2)}
 QUICK_TRAIN = dict(steps=6, batch_size=32, lr=1e-3, warmup=2, ema_decay=0.0, eval_every=3)
 ATTACK = dict(constraints=("cell", "range"), examples=64, steps=50, widen=WIDEN, baseline=True, seed=0)
+# The poster's table also reports test data and samples; 004's OOD sets are added (each 256 examples,
+# samples at T = 1, 0.7, 0). 28x28 data get the Fashion-MNIST companion set (data/ood.py COMPANION_28).
+FAMILIES = ("test", "samples", "constant", "uniform", "grayed_mid", "inverted", "natural_patches")
+FAMILIES_28 = ("test", "samples") + COMPANION_28
+FAMILY_N = 256
 
 
 def centred(flow: Flow) -> Flow:
@@ -70,7 +81,8 @@ def centred(flow: Flow) -> Flow:
     return flow
 
 
-def _train(name: str, spec: dict, splits, out: Path, tkw: dict, seed: int, data: str, data_dir: str | None):
+def _train(name: str, spec: dict, splits, out: Path, tkw: dict, seed: int, data: str, data_dir: str | None,
+           val_size: float = 0.1):
     from ..models.registry import build_model
     from ..train.checkpoint import load_checkpoint
     from ..train.loop import train
@@ -78,7 +90,7 @@ def _train(name: str, spec: dict, splits, out: Path, tkw: dict, seed: int, data:
     mcfg = ModelConfig(**spec)
     torch.manual_seed(seed)
     flow = centred(build_model(mcfg, splits.shape))
-    cfg = RunConfig(model=mcfg, data=DataConfig(name=data, data_dir=data_dir, flatten=name in FLAT),
+    cfg = RunConfig(model=mcfg, data=DataConfig(name=data, data_dir=data_dir, flatten=name in FLAT, val_size=val_size),
                     train=TrainConfig(**tkw, seed=seed, out_dir=str(out), progress=False))
     res = train(cfg, model=flow, splits=splits, callbacks=[PROGRESS.train_callback(f"{name} (seed {seed})",
                                                                                       tkw["steps"])],
@@ -89,13 +101,36 @@ def _train(name: str, spec: dict, splits, out: Path, tkw: dict, seed: int, data:
     return flow.eval(), res
 
 
+def _families(shape) -> tuple[str, ...]:
+    return FAMILIES_28 if math.prod(shape) == 28 * 28 else FAMILIES
+
+
+def _family_rows(rep) -> dict:
+    """Per audited family: % of examples whose reconstruction (or generation) is non-finite, the
+    largest / median finite L2 error, and the two verdicts."""
+    out = {}
+    for k, f in rep.families.items():
+        v = f.verdict
+        err = f.errors["l2"]
+        fin = err[torch.isfinite(err)]
+        out[k] = {"status": v.status, "n": int(v.n),
+                  "pct_inf": 100.0 * (v.n_nonfinite + v.n_raised) / max(v.n, 1),
+                  "pct_outside_domain": 100.0 * v.n_outside_domain / max(v.n, 1),
+                  "max_err": float(fin.max()) if fin.numel() else math.nan,
+                  "median_err": float(fin.median()) if fin.numel() else math.nan,
+                  "random_pct_inf": None, "random_max_err": None,
+                  "invertible": v.n_nonfinite + v.n_raised == 0, "invertible_1e-3": v.status == "invertible"}
+    return out
+
+
 def _attack(flow: nn.Module, splits, quick: bool) -> dict:
     from ..audit import audit
 
     kw = dict(ATTACK, examples=8, steps=3) if quick else dict(ATTACK)
-    rep = audit(flow, splits.test, levels=splits.levels, families="test", repeat=0, localize=False, spectra_points=0,
-                shadow=False, attack="pgd", attack_kwargs=kw)
-    out = {}
+    rep = audit(flow, splits.test, levels=splits.levels, families=",".join(_families(splits.shape)),
+                n=8 if quick else FAMILY_N, repeat=0, localize=False, spectra_points=0, shadow=False, attack="pgd",
+                attack_kwargs=kw)
+    out = _family_rows(rep)
     for c, a in rep.attacks.items():
         err = a.errors["l2"]
         fin = err[torch.isfinite(err)]
@@ -121,15 +156,16 @@ def pgd_range(out_dir: Path, *, quick: bool = False, seed: int = 0, data: str = 
     Glow and a Residual Flow trained without the logit on centred data."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    models = QUICK_MODELS if quick else MODELS
-    tkw = dict(QUICK_TRAIN if quick else TRAIN)
+    full_models, full_train, val_size = SETTINGS.get(data, (MODELS, TRAIN, 0.1))
+    models = QUICK_MODELS if quick else full_models
+    tkw = dict(QUICK_TRAIN if quick else full_train)
     rows, settings = [], {}
     note = None
     for name, spec in models.items():
-        splits = load_data(data, data_dir, seed, flatten=name in FLAT)
+        splits = load_data(data, data_dir, seed, flatten=name in FLAT, val_size=val_size)
         note = levels_text(splits.levels)
-        flow, res = _train(name, spec, splits, out / "runs" / name, tkw, seed, data, data_dir)
-        PROGRESS.phase(f"{name}: PGD attacks")
+        flow, res = _train(name, spec, splits, out / "runs" / name, tkw, seed, data, data_dir, val_size)
+        PROGRESS.phase(f"{name}: audit of test data, samples, OOD sets and PGD attacks")
         attacks = _attack(flow, splits, quick)
         for c, a in attacks.items():
             rows.append({"model": name, "constraint": c, "test_bpd": res.test, **a})
@@ -139,6 +175,8 @@ def pgd_range(out_dir: Path, *, quick: bool = False, seed: int = 0, data: str = 
     lines = [f"PGD on {data} ({note}), flows trained without the logit on data centred to [-0.5, 0.5); "
              f"'pgd:range' searches [-0.7, 0.7] (000 Fig. 8), 'pgd:cell' the dequantisation cell; "
              f"{ATTACK['examples'] if not quick else 8} test examples, {ATTACK['steps'] if not quick else 3} steps. "
+             f"The other sets: {FAMILY_N if not quick else 8} examples each (samples: F^-1(z), z ~ N(0, T^2 I); "
+             f"% inf counts non-finite or raising reconstructions and generations). "
              f"invertible: every reconstruction finite (the poster's criterion); invertible_1e-3: also <= 1e-3.", "",
              "| model | set | % inf | max err | median err | random search: % inf / max err | invertible | "
              "invertible_1e-3 | test bpd |", "|---|---|---|---|---|---|---|---|---|"]
@@ -147,7 +185,8 @@ def pgd_range(out_dir: Path, *, quick: bool = False, seed: int = 0, data: str = 
                      f"{r['median_err']:.3g} | {fmt(r['random_pct_inf'])} / {fmt(r['random_max_err'])} | {r['invertible']} | "
                      f"{r['invertible_1e-3']} | {r['test_bpd']:.4f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    summary = {"settings": {"models": settings, "train": tkw, "attack": ATTACK, "seed": seed, "data": data,
+    summary = {"settings": {"models": settings, "train": tkw, "val_size": val_size, "attack": ATTACK,
+                            "families": list(_families(splits.shape)), "family_n": FAMILY_N, "seed": seed, "data": data,
                             "quick": quick}, "levels_note": note, "rows": rows}
     write_json(out / "summary.json", summary)
     return summary
