@@ -28,3 +28,15 @@ def test_fashion_mnist_default_folder():
     assert DEFAULT_DATA_DIRS["fashion-mnist"] == "/usr/share/datasets/fashion-mnist"
     assert splits.shape == (1, 28, 28) and splits.levels == 256
     assert splits.test.shape[0] == 10000 and splits.train.shape[0] + splits.val.shape[0] == 60000
+
+
+def test_supervised_settings_for_28x28():
+    """Fashion-MNIST's classifiers: the authors' optimiser and regularisers (as on digits) on a model
+    whose levels divide 28; digits and --paper keep theirs."""
+    from stableflows.experiments.exploding_inverses import DIGITS_SETTINGS, PAPER_SETTINGS, settings_for
+    from stableflows.experiments.glow_design import feasible_levels
+
+    st = settings_for("fashion-mnist")
+    assert feasible_levels((1, 28, 28), st["levels"]) == st["levels"]
+    assert st["lr"] == PAPER_SETTINGS["lr"] == 1e-4 and st["fd_weight"] == PAPER_SETTINGS["fd_weight"]
+    assert settings_for("digits") == DIGITS_SETTINGS and settings_for("fashion-mnist", paper=True) == PAPER_SETTINGS

@@ -34,10 +34,37 @@ def test_range_box_is_minus_07_to_07_after_the_shift():
 
 
 def test_quick_run(tmp_path):
+    """The poster's whole table: the PGD cells, test data, samples at T = 1 / 0.7 / 0 and the OOD sets,
+    for both flows; a trained flow reconstructs its own test data within the audit's tolerance."""
     s = EXPERIMENTS["pgd-range"](tmp_path, quick=True)
     got = {(r["model"], r["constraint"]) for r in s["rows"]}
-    assert got == {(m, c) for m in ("Glow", "ResFlow") for c in ("pgd:cell", "pgd:range")}
+    sets = ("pgd:cell", "pgd:range", "test", "samples_t1", "samples_t0.7", "samples_t0", "constant", "uniform",
+            "grayed_mid", "inverted", "natural_patches")
+    assert got == {(m, c) for m in ("Glow", "ResFlow") for c in sets}
     for r in s["rows"]:
         assert r["pct_outside_domain"] == 0.0  # no logit: the widened range is inside the domain
-        assert r["status"] == "ok" and (math.isfinite(r["max_err"]) or r["pct_inf"] > 0)
+        assert math.isfinite(r["max_err"]) or r["pct_inf"] > 0
+        if r["constraint"].startswith("pgd:"):
+            assert r["status"] == "ok"
+        else:
+            assert r["n"] == (1 if r["constraint"] == "samples_t0" else 8)
+    for m in ("Glow", "ResFlow"):
+        test = next(r for r in s["rows"] if r["model"] == m and r["constraint"] == "test")
+        assert test["pct_inf"] == 0.0 and test["max_err"] < 1e-3 and test["invertible_1e-3"]
     assert (tmp_path / "table.md").is_file()
+
+
+def test_28x28_settings_fit_the_image_and_use_the_companion_sets():
+    """Fashion-MNIST gets a Glow whose levels divide 28 (three would need 28 / 8) and the 28x28 OOD
+    companion sets (digits in MNIST's layout among them); digits keep their settings."""
+    from stableflows.data.ood import COMPANION_28
+    from stableflows.experiments.glow_design import feasible_levels
+    from stableflows.experiments.pgd_range import MODELS, SETTINGS, _families
+
+    models, train, val_size = SETTINGS["fashion-mnist"]
+    assert feasible_levels((1, 28, 28), models["Glow"]["levels"]) == models["Glow"]["levels"] == 2
+    assert feasible_levels((1, 28, 28), MODELS["Glow"]["levels"]) < MODELS["Glow"]["levels"]
+    assert 0 < val_size < 0.1 and train["steps"] >= 1000
+    for shape in ((1, 28, 28), (784,)):  # Glow sees images, the Residual Flow vectors
+        assert set(COMPANION_28) <= set(_families(shape)) and "digits28" in _families(shape)
+    assert "digits28" not in _families((1, 8, 8)) and "digits28" not in _families((64,))
