@@ -148,10 +148,11 @@ def ood_likelihoods(out_dir: Path, *, quick: bool = False, seed: int = 0, data: 
         PROGRESS.phase(f"{name}: OOD analysis of {len(fams)} sets")
         result = analyze(flow, splits, ocfg)
         write_report(result, out / "runs" / name / "ood", title=f"004 on {data}: {name} (seed {seed})")
-        rows += rows_of(name, result.summary)
+        new = rows_of(name, result.summary)
+        rows += new
         probes[name] = result.summary["probes"]
         settings[name] = {**spec, "test_bpd": res.test, "constant_volume": result.summary["model"]["constant_volume"]}
-        for r in rows[-len(result.summary["sets"]):]:
+        for r in new:
             PROGRESS.emit(f"ood-likelihoods: {name:8s} {r['set']:16s} {r['mean_bpd']:.3f} bpd, "
                           f"likelihood AUROC {r['likelihood_auroc']:.3f}")
     note = f"{data} ({levels_text(splits.levels)})"
