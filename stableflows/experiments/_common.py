@@ -307,6 +307,23 @@ def _clock(s: float) -> str:
 PROGRESS = Progress()
 
 
+def train_flow(label: str, flow, mcfg, splits, out: Path, tkw: dict, seed: int, data_cfg):
+    """Train ``flow`` (built from ``mcfg``) with the library's loop under ``out`` (a re-run replaces
+    it), with a progress line per phase; returns the validation-selected weights in eval mode and the
+    loop's result."""
+    from ..config import RunConfig, TrainConfig
+    from ..train.checkpoint import load_checkpoint
+    from ..train.loop import train
+
+    cfg = RunConfig(model=mcfg, data=data_cfg, train=TrainConfig(**tkw, seed=seed, out_dir=str(out), progress=False))
+    res = train(cfg, model=flow, splits=splits, callbacks=[PROGRESS.train_callback(label, tkw["steps"])],
+                overwrite=True)
+    best = Path(out) / "best.pt"
+    if best.is_file():
+        flow.load_state_dict(load_checkpoint(best)["model"])
+    return flow.eval(), res
+
+
 # ----------------------------------------------------------------------------- seeds driver
 def run_seeds(fn, name: str, out: Path, seeds: Sequence[int], *, report: "Report | None", quick: bool = False,
               reuse: bool = False, **kw) -> dict:

@@ -28,12 +28,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from ..config import DataConfig, ModelConfig
 from ..data.ood import COMPANION_28
-from ._common import PROGRESS, Claim, Report, levels_text, load_data, write_json
+from ._common import PROGRESS, Claim, Report, levels_text, load_data, train_flow, write_json
 from .glow_design import feasible_levels
 
 __all__ = ["ood_likelihoods", "EXPERIMENTS", "REPORTS", "MODELS", "SETTINGS"]
@@ -55,22 +54,13 @@ QUICK_OOD = dict(n=16, n_train=32, bootstrap=20, typicality_m=(1, 5), decompose_
 
 def _train(name: str, spec: dict, splits, out: Path, tkw: dict, seed: int, data: str, data_dir, val_size: float):
     from ..models.registry import build_model
-    from ..train.checkpoint import load_checkpoint
-    from ..train.loop import train
 
     spec = dict(spec, levels=feasible_levels(tuple(splits.shape), spec["levels"]))
     mcfg = ModelConfig(**spec)
     torch.manual_seed(seed)
-    flow = build_model(mcfg, splits.shape)
-    cfg = RunConfig(model=mcfg, data=DataConfig(name=data, data_dir=data_dir, val_size=val_size),
-                    train=TrainConfig(**tkw, seed=seed, out_dir=str(out), progress=False))
-    res = train(cfg, model=flow, splits=splits, callbacks=[PROGRESS.train_callback(f"{name} (seed {seed})",
-                                                                                      tkw["steps"])],
-                overwrite=True)  # a re-run of the experiment replaces its run
-    best = out / "best.pt"
-    if best.is_file():
-        flow.load_state_dict(load_checkpoint(best)["model"])
-    return flow.eval(), res, spec
+    flow, res = train_flow(f"{name} (seed {seed})", build_model(mcfg, splits.shape), mcfg, splits, out, tkw, seed,
+                           DataConfig(name=data, data_dir=data_dir, val_size=val_size))
+    return flow, res, spec
 
 
 def _num(v) -> float:
@@ -99,7 +89,7 @@ def rows_of(model: str, s: dict) -> list[dict]:
             "best_score": best.get("score"), "best_auroc": _num(best.get("auroc")),
             "gap_measured": _num(o.get("measured")), "gap_eq5": _num(o.get("eq5")),
             "eq5_sign_agrees": (o.get("sign_agrees") or {}).get("eq5"),
-            "invertible": (inv or {}).get("status") == "invertible" if inv else None,
+            "invertible": inv.get("status") == "invertible" if inv else None,
         })
     return rows
 

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from ..config import DataConfig, ModelConfig
 from ..models.flow import Flow
 from ..data.ood import COMPANION_28
 from ..transforms.base import Compose
 from ..transforms.multiscale import ElementwiseAffine
-from ._common import PROGRESS, Claim, Report, fmt, levels_text, load_data, write_json
+from ._common import PROGRESS, Claim, Report, fmt, levels_text, load_data, train_flow, write_json
 from .resflow import POWER_TOL
 
 __all__ = ["pgd_range", "centred", "EXPERIMENTS", "REPORTS", "MODELS"]
@@ -84,21 +84,12 @@ def centred(flow: Flow) -> Flow:
 def _train(name: str, spec: dict, splits, out: Path, tkw: dict, seed: int, data: str, data_dir: str | None,
            val_size: float = 0.1):
     from ..models.registry import build_model
-    from ..train.checkpoint import load_checkpoint
-    from ..train.loop import train
 
     mcfg = ModelConfig(**spec)
     torch.manual_seed(seed)
     flow = centred(build_model(mcfg, splits.shape))
-    cfg = RunConfig(model=mcfg, data=DataConfig(name=data, data_dir=data_dir, flatten=name in FLAT, val_size=val_size),
-                    train=TrainConfig(**tkw, seed=seed, out_dir=str(out), progress=False))
-    res = train(cfg, model=flow, splits=splits, callbacks=[PROGRESS.train_callback(f"{name} (seed {seed})",
-                                                                                      tkw["steps"])],
-                overwrite=True)  # a re-run of the experiment replaces its run
-    best = out / "best.pt"
-    if best.is_file():
-        flow.load_state_dict(load_checkpoint(best)["model"])
-    return flow.eval(), res
+    return train_flow(f"{name} (seed {seed})", flow, mcfg, splits, out, tkw, seed,
+                      DataConfig(name=data, data_dir=data_dir, flatten=name in FLAT, val_size=val_size))
 
 
 def _families(shape) -> tuple[str, ...]:
