@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 
 import pytest
@@ -139,6 +140,25 @@ def test_reconstruction_counts_failures_and_refusals():
     assert r["refused_pct"] == pytest.approx(20.0)
     assert r["median_l2"] == pytest.approx(1e-3 * math.sqrt(64), rel=1e-5)
     assert r["max_l2"] == math.inf
+
+
+def test_reconstruction_in_chunks_and_under_a_deadline():
+    v = torch.full((10, *EVENT_SHAPE), 0.5, dtype=torch.float64)
+    v[:3, 0, 0, 0] = 0.9  # rows 0-2 reconstruct non-finitely
+    c = _planted()
+    whole = harness.reconstruction(c, c.module, v)
+    chunked = harness.reconstruction(c, c.module, v, batch=3)
+    assert {k: chunked[k] for k in whole} == whole  # chunking does not change the figures
+    assert whole["n"] == 10 and not whole["truncated"]
+    # a deadline already passed: the first chunk is measured, then it stops
+    cut = harness.reconstruction(c, c.module, v, batch=4, deadline=time.perf_counter())
+    assert cut["n"] == 4 and cut["n_requested"] == 10 and cut["truncated"]
+    assert cut["nonfinite_pct"] == pytest.approx(75.0)  # 3 of the 4 measured
+
+
+def test_measure_budget_must_be_positive():
+    with pytest.raises(ValueError, match="measure_budget"):
+        harness.BenchSettings(measure_budget=0.0)
 
 
 def test_flop_count_of_a_linear_training_step():

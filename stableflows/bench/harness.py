@@ -57,6 +57,7 @@ INIT_BATCH = 512  # examples of the data-dependent initialisation pass (as stabl
 INVERSE_BATCH = 64  # latents per timed inverse pass
 INVERSE_REPEATS = 5  # timed inverse passes; the median is reported
 OOD_N = 360  # examples per OOD family (the size of the test split)
+RECON_BATCH = 64  # examples per round trip of the reconstruction measurements
 EVAL_BATCH = 512
 SEED_OFFSETS = {"sample": 1, "noise": 2, "init": 3}
 
@@ -82,12 +83,17 @@ class BenchSettings:
     flops: bool = True
     paired_rounds: int = 9  # interleaved rounds of the paired step timing (:mod:`.paired`); 0: skip it
     data: str = "digits"  # the task (:data:`~.contender.TASKS`): digits | fashion-mnist
+    # seconds for the round trips after training (test + OOD families, shared evenly; default: the
+    # training budget); a family whose share runs out reports the examples measured so far
+    measure_budget: float | None = None
 
     def __post_init__(self):
         if not (self.budget > 0 and math.isfinite(self.budget)):
             raise ValueError(f"budget must be a positive number of seconds, got {self.budget}")
         if self.batch_size < 1 or self.threads < 1 or self.eval_every < 1:
             raise ValueError("batch_size, threads and eval_every must be >= 1")
+        if self.measure_budget is not None and not (self.measure_budget > 0 and math.isfinite(self.measure_budget)):
+            raise ValueError(f"measure_budget must be a positive number of seconds, got {self.measure_budget}")
         if self.paired_rounds < 0:
             raise ValueError(f"paired_rounds must be >= 0, got {self.paired_rounds}")
         if self.preprocess not in PREPROCESS:
@@ -163,36 +169,54 @@ def _apply_rows(fn, x: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
 
 
 @torch.no_grad()
-def reconstruction(c: Contender, module: nn.Module, v: Tensor) -> dict[str, Any]:
+def reconstruction(c: Contender, module: nn.Module, v: Tensor, *, batch: int = RECON_BATCH,
+                   deadline: float | None = None) -> dict[str, Any]:
     """Round trip ``v -> z -> v_hat`` of every example: float64 L2 errors (inf when ``v_hat`` is
-    not finite) and the shares of non-finite reconstructions and refused inputs, in % of all
-    examples. Median and max are over the examples the model accepted (``None`` when it accepted none)."""
+    not finite) and the shares of non-finite reconstructions and refused inputs, in % of the
+    examples measured. Median and max are over the examples the model accepted (``None`` when it
+    accepted none).
+
+    The examples go through in chunks of ``batch``; ``deadline`` (a ``time.perf_counter()`` value)
+    stops after the chunk during which it passes (at least one chunk is measured), so a slow inverse
+    (a 784-d autoregressive flow inverts one dimension per pass) cannot hold the session: ``n`` is
+    then smaller than ``n_requested`` and ``truncated`` is True."""
     was = module.training
     module.eval()
+    errs, refs = [], []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # iterative inverses warn when they stop early; counted below
-            z, r1, ref1 = _apply_rows(lambda t: c.forward(module, t), v)
-            if z is None:
-                x_hat, r2 = None, torch.ones_like(r1)
-            else:
-                x_hat, r2, _ = _apply_rows(lambda t: c.inverse(module, t), z)
+            for i in range(0, v.shape[0], batch):
+                vb = v[i:i + batch]
+                z, r1, ref1 = _apply_rows(lambda t: c.forward(module, t), vb)
+                if z is None:
+                    x_hat, r2 = None, torch.ones_like(r1)
+                else:
+                    x_hat, r2, _ = _apply_rows(lambda t: c.inverse(module, t), z)
+                nb = vb.shape[0]
+                if x_hat is None:
+                    err = torch.full((nb,), math.inf, dtype=torch.float64)
+                else:
+                    d = (x_hat.double() - vb.double()).reshape(nb, -1)
+                    err = d.norm(dim=1)
+                    err[~torch.isfinite(d).all(dim=1)] = math.inf
+                err[r1 | r2] = math.inf
+                errs.append(err.cpu())
+                refs.append(ref1.cpu())
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
     finally:
         module.train(was)
-    n = v.shape[0]
-    if x_hat is None:
-        err = torch.full((n,), math.inf, dtype=torch.float64)
-    else:
-        d = (x_hat.double() - v.double()).reshape(n, -1)
-        err = d.norm(dim=1)
-        err[~torch.isfinite(d).all(dim=1)] = math.inf
-    err[r1 | r2] = math.inf
+    err, ref1 = torch.cat(errs), torch.cat(refs)
+    n = err.shape[0]
     accepted = ~ref1
     nonfinite = ~torch.isfinite(err) & accepted
     e = err[accepted]
     fin = e[torch.isfinite(e)]
     return {
         "n": n,
+        "n_requested": int(v.shape[0]),
+        "truncated": n < v.shape[0],
         "median_l2": float(fin.median()) if fin.numel() else None,
         "max_l2": float(e.max()) if e.numel() else None,
         "nonfinite_pct": 100.0 * float(nonfinite.double().mean()),
@@ -397,11 +421,17 @@ def run_one(name: str, settings: BenchSettings | None = None, *, splits=None, ta
         best = run.selected()
         sel = evaluate_bpd(c, best, run.test_x, run.test_u, task.levels, batch=task.eval_batch)
         v_test = (run.test_x + run.test_u) / task.levels
-        recon = {"test": reconstruction(c, best, v_test[:task.recon_n])}
-        for fam in OOD_BENCH_FAMILIES:
-            ref = v_test[: s.ood_n] if fam == "out_of_range" else v_test
-            x = ood_family(fam, ref.cpu(), min(s.ood_n, ref.shape[0]), seed=s.seed, levels=task.levels).to(device)
-            recon[fam] = reconstruction(c, best, x)
+        sets = ("test", *OOD_BENCH_FAMILIES)
+        t_end = time.perf_counter() + (s.measure_budget if s.measure_budget is not None else s.budget)
+        recon = {}
+        for k, fam in enumerate(sets):
+            if fam == "test":
+                x = v_test[:task.recon_n]
+            else:
+                ref = v_test[: s.ood_n] if fam == "out_of_range" else v_test
+                x = ood_family(fam, ref.cpu(), min(s.ood_n, ref.shape[0]), seed=s.seed, levels=task.levels).to(device)
+            now = time.perf_counter()  # an even share of the time left for each family still to measure
+            recon[fam] = reconstruction(c, best, x, deadline=now + max(0.0, t_end - now) / (len(sets) - k))
         inv_s = time_inverse(c, best, v_test[:INVERSE_BATCH], device)
         flops = _flops(run, s, steps_per_s, device) if s.flops else {}
     mem: dict[str, Any] = {"rss_before_model_mb": rss0, "peak_rss_training_mb": peak_train,

@@ -275,7 +275,8 @@ def markdown(session: dict[str, Any]) -> str:
               "rate of a 1024^2 float32 matmul measured in the same process (its last column; it also shows how "
               "busy the machine was while that model ran).",
               "", "Reconstruction ||v - F^-1(F(v))||_2 of the selected weights: median (max) over accepted inputs; "
-              "`nf` = % non-finite, `ref` = % refused by the model (input outside its domain).", "",
+              "`nf` = % non-finite, `ref` = % refused by the model (input outside its domain); `on n/N`: the "
+              "measurement time (`--measure-budget`) ran out after n of N inputs.", "",
               "| model | " + " | ".join(RECON_FAMILIES) + " |", "|---|" + "---|" * len(RECON_FAMILIES)]
     for r in results:
         if "error" in r:
@@ -283,8 +284,9 @@ def markdown(session: dict[str, Any]) -> str:
         cells = []
         for fam in RECON_FAMILIES:
             e = r["reconstruction"][fam]
+            cut = f" on {e['n']}/{e['n_requested']}" if e.get("truncated") else ""
             cells.append(f"{_fmt(e['median_l2'], '.1e')} ({_fmt(e['max_l2'], '.1e')}) nf {_fmt(e['nonfinite_pct'], '.0f')}"
-                         f" ref {_fmt(e['refused_pct'], '.0f')}")
+                         f" ref {_fmt(e['refused_pct'], '.0f')}{cut}")
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets", ""] + _target_lines(session.get("targets", {}))
     return "\n".join(lines) + "\n"

@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"local files, see `make data`) (default: {d.data})")
     parser.add_argument("--budget", type=float, default=d.budget, metavar="SECONDS",
                         help=f"seconds of training per model (default: {d.budget:g})")
+    parser.add_argument("--measure-budget", type=float, default=None, metavar="SECONDS",
+                        help="seconds per model for the reconstruction round trips after training, shared by the "
+                             "test and OOD sets (default: the training budget); a set whose share runs out is "
+                             "reported on the inputs measured so far")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
                         help=f"training batch (default: {d.batch_size})")
     parser.add_argument("--threads", type=int, default=d.threads, metavar="N",
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings(budget=args.budget, batch_size=args.batch_size, threads=args.threads,
                              eval_every=args.eval_every, seed=args.seed, preprocess=args.preprocess,
                              match_params=args.match_params, device=args.device, flops=args.flops,
-                             paired_rounds=args.paired_rounds, data=args.data)
+                             paired_rounds=args.paired_rounds, data=args.data, measure_budget=args.measure_budget)
     args._started = True
     session, where = run_session(names, settings, args.out_dir)
     print(f"report: {where}/bench.md (and {args.out_dir}/latest.md)")
