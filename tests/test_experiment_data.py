@@ -40,3 +40,25 @@ def test_supervised_settings_for_28x28():
     assert feasible_levels((1, 28, 28), st["levels"]) == st["levels"]
     assert st["lr"] == PAPER_SETTINGS["lr"] == 1e-4 and st["fd_weight"] == PAPER_SETTINGS["fd_weight"]
     assert settings_for("digits") == DIGITS_SETTINGS and settings_for("fashion-mnist", paper=True) == PAPER_SETTINGS
+
+
+def test_glow_design_size_for_28x28(tmp_path):
+    """003 at 28x28: levels that divide 28, a validation split small enough to check every
+    ``loss_every`` steps, and the study trains on the size's validation fraction."""
+    import dataclasses
+    import math
+
+    from stableflows.config import load_config
+    from stableflows.experiments import glow_design as G
+
+    size = G.SIZES["fashion-mnist"]
+    assert G.feasible_levels((1, 28, 28), size.levels) == size.levels == 2
+    # images validated per training step: 28x28 at most 3x digits' (144 every 30 steps)
+    assert math.ceil(size.val_size * 60000) / size.loss_every <= 3 * math.ceil(0.1 * 1437) / G.FULL.loss_every
+    assert G.SIZES.get("digits", G.FULL) is G.FULL
+    small = dataclasses.replace(G.QUICK, val_size=0.25)
+    G.glow_design_choices(tmp_path, size=small, variants=["additive"], verbose=False)
+    cfg = load_config(tmp_path / "runs" / "additive" / "config.yaml")
+    assert cfg.data.val_size == 0.25
+    n_val = math.ceil(0.25 * 1437)
+    assert load_data("digits", val_size=0.25).val.shape[0] == n_val
