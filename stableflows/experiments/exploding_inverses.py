@@ -52,6 +52,7 @@ from ._common import PROGRESS, Claim, Report
 __all__ = ["supervised_table", "gradient_angle_curve", "regression_2d", "decorrelation", "EXPERIMENTS",
            "DIGITS_SETTINGS", "PAPER_SETTINGS", "FASHION_SETTINGS", "settings_for"]
 
+COND_EXACT_MAX_DIM = 256  # tracked spectra: exact Jacobians up to this dimension (digits' 64), Lanczos above
 TOLERANCE = 1e-3  # docs/METRICS.md: invertible within tolerance (L2 reconstruction error, float32, data in [0, 1])
 GRAD_CLIP = 50.0
 # The authors' CIFAR-10 command lines (README of their code): 3 levels x 16 steps, 128 hidden channels,
@@ -60,15 +61,16 @@ GRAD_CLIP = 50.0
 # log-likelihood (= 1e-5 * D ln 2 ~ 0.02 on bits/dim for D = 3072), 200 epochs (~78k steps).
 PAPER_SETTINGS = dict(levels=3, steps_per_level=16, hidden=128, batch_size=128, lr=1e-4, steps=78000,
                       fd_weight=AUTHORS_FD_WEIGHT, fd_every=10, fd_eps=0.1, nf_weight=0.02, angle_every=500,
-                      track_every=500)
+                      track_every=500, cond_every=500, cond_points=4)
 # digits: the authors' optimiser and regulariser settings on a model sized for 8x8 images
 DIGITS_SETTINGS = dict(levels=2, steps_per_level=4, hidden=32, batch_size=64, lr=1e-4, steps=1500,
                        fd_weight=AUTHORS_FD_WEIGHT, fd_every=10, fd_eps=0.1, nf_weight=0.02, angle_every=25,
-                       track_every=50)
+                       track_every=50, cond_every=50, cond_points=4)
 # Fashion-MNIST 28x28: the same optimiser and regularisers on the digits model (2 levels: 28 -> 14 -> 7),
 # 1,000 steps, so that the six classifiers of one seed train and are assessed in ~10 minutes on 2 cores
 # (three seeds ~30 minutes). At lr 1e-4 that is ~1 epoch; the authors trained 200.
-FASHION_SETTINGS = dict(DIGITS_SETTINGS, steps=1000)
+# The condition number over training (Fig. 2/5) every 100 steps there: Lanczos at 784 dimensions.
+FASHION_SETTINGS = dict(DIGITS_SETTINGS, steps=1000, cond_every=100)
 DATA_SETTINGS = {"fashion-mnist": FASHION_SETTINGS}  # data -> settings; any other data: DIGITS_SETTINGS
 
 
@@ -143,18 +145,41 @@ def _recon_errors(flow, x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
 
 
+def _tracked_spectra(model, x: Tensor) -> tuple[float, float, float]:
+    """``(sigma_min, sigma_max, cond)`` of ``J_F`` over the points ``x``: the smallest and largest
+    singular value over the points and the largest per-point condition number (000 Fig. 2/5).
+    Exact Jacobians up to :data:`COND_EXACT_MAX_DIM` dimensions, Lanczos (sigma_min sharpened by
+    ``1 / sigma_max(J_F^-1)``) above; NaN where they cannot be computed."""
+    from ..audit.adapters import as_invertible
+    from ..audit.spectra import spectra
+
+    sp = spectra(as_invertible(model), x, torch.arange(x.shape[0]), exact_max_dim=COND_EXACT_MAX_DIM)
+    smin, smax = sp.fwd_smin, sp.fwd_smax
+    if not bool(torch.isfinite(smin).any() & torch.isfinite(smax).any()):
+        return math.nan, math.nan, math.nan
+    cond = torch.nan_to_num(sp.fwd_cond, nan=math.inf)
+    return float(torch.nan_to_num(smin, nan=math.inf).min()), float(torch.nan_to_num(smax, nan=-math.inf).max()), \
+        float(cond.max())
+
+
 def train_classifier(model, splits, objective, *, steps: int, batch_size: int, lr: float, seed: int = 0,
-                     angle_every: int = 25, track_every: int = 50, fallback: bool = False,
+                     angle_every: int = 25, track_every: int = 50, cond_every: int | None = None,
+                     cond_points: int = 4, fallback: bool = False,
                      time_budget: float | None = None, label: str = "training") -> dict:
     """AdamW training of an invertible classifier with a :class:`GradientGuard` (angle every
     ``angle_every`` steps; by default no fallback, so a broken memory-saving gradient is used, as in
-    the paper) and the reconstruction error of 64 fixed validation examples every ``track_every``
-    steps. A step whose gradient is non-finite is skipped and counted."""
+    the paper) and, as in 000 Fig. 2/5, the reconstruction error of each of 64 fixed validation
+    examples every ``track_every`` steps (``recon_all``; ``recon``: median, max, non-finite count)
+    and the singular values of ``J_F`` at the first ``cond_points`` of them every ``cond_every``
+    steps (default ``track_every``; 0 disables): ``spectra`` holds ``(step, sigma_min, sigma_max,
+    cond)``. A step whose gradient is non-finite is skipped and counted."""
     g = torch.Generator().manual_seed(seed + 1)
     opt = adamw(model.parameters(), lr=lr)
     guard = GradientGuard(every=angle_every, fallback=fallback, max_angle=1.0)
     x_track = _fixed_points(splits.val, splits.levels, 64)
-    hist: dict = {"step": [], "loss": [], "acc": [], "angle": [], "recon": [], "nonfinite_steps": 0,
+    cond_every = track_every if cond_every is None else cond_every
+    hist: dict = {"step": [], "loss": [], "acc": [], "angle": [], "recon": [], "recon_all": [], "spectra": [],
+                  "nonfinite_steps": 0,
                   "first_nonfinite": None, "fd_steps": 0, "fd_rows_nonfinite": 0, "fd_rows_dropped": 0}
     n = splits.train.shape[0]
     model.train()
@@ -179,16 +204,20 @@ def train_classifier(model, splits, objective, *, steps: int, batch_size: int, l
             hist["fd_rows_dropped"] += logs.get("fd_forward_dropped", 0) + logs.get("fd_inverse_dropped", 0)
         if "grad_angle" in logs:
             hist["angle"].append((step, logs["grad_angle"], logs["grad_rel_error"]))
-        if step % track_every == 0 or step == steps - 1:
+        last = step == steps - 1 or (time_budget is not None and time.perf_counter() - t0 > time_budget)
+        if step % track_every == 0 or last:
             model.eval()
             e = _recon_errors(model.flow, x_track)
+            if cond_every and cond_points and (step % cond_every == 0 or last):
+                hist["spectra"].append((step, *_tracked_spectra(model, x_track[:cond_points])))
             model.train()
             hist["step"].append(step)
             hist["loss"].append(float(loss))
             hist["acc"].append(float(logs.get("acc", math.nan)))
             hist["recon"].append((step, float(e.median()), float(e.max()), int((~torch.isfinite(e)).sum())))
+            hist["recon_all"].append((step, [float(v) for v in e]))
         PROGRESS.update(step + 1, loss=float(loss), acc=logs.get("acc"))
-        if time_budget is not None and time.perf_counter() - t0 > time_budget:
+        if last:
             break
     hist["train_time"] = time.perf_counter() - t0
     hist["steps_done"] = step + 1
@@ -244,11 +273,13 @@ def _run_classifier(coupling: str, reg: str, splits, st: dict, seed: int, scale:
                        permutation="lu", head="bn_relu", memory_saving=True)
     hist = train_classifier(model, splits, _objective(reg, st), steps=st["steps"], batch_size=st["batch_size"],
                             lr=st["lr"], seed=seed, angle_every=st["angle_every"], track_every=st["track_every"],
+                            cond_every=st.get("cond_every"), cond_points=st.get("cond_points", 4),
                             label=f"{coupling}/{reg} (seed {seed})")
     row = {"model": coupling.capitalize(), "reg": {"none": "None", "fd": "FD", "nf": "NF"}[reg],
            **assess(model, splits), "nonfinite_steps": hist["nonfinite_steps"],
            "fd_rows_nonfinite": hist["fd_rows_nonfinite"], "fd_rows_dropped": hist["fd_rows_dropped"],
            "max_angle": max((a for _, a, _ in hist["angle"] if math.isfinite(a)), default=math.nan),
+           "max_cond_train": max((c for *_, c in hist["spectra"] if not math.isnan(c)), default=math.nan),
            "train_time_s": hist["train_time"]}
     return row, hist
 
@@ -287,6 +318,38 @@ def _plot_recon(path: Path, runs: dict[str, dict]) -> None:
     fig.savefig(path)
 
 
+def _plot_stability(path: Path, runs: dict[str, dict]) -> None:
+    """000 Fig. 2/5: per model, the reconstruction error of every element of the fixed minibatch at
+    each tracked step (non-finite ones in orange at the top) and sigma_min / sigma_max / cond of J_F."""
+    fig = _figure(9.0, 2.2 * len(runs))
+    for i, (label, hist) in enumerate(runs.items()):
+        ax = fig.add_subplot(len(runs), 2, 2 * i + 1)
+        fin = [(s, e) for s, es in hist["recon_all"] for e in es if math.isfinite(e)]
+        bad = [s for s, es in hist["recon_all"] for e in es if not math.isfinite(e)]
+        if fin:
+            ax.scatter([s for s, _ in fin], [max(e, 1e-12) for _, e in fin], s=3, alpha=0.4, color="tab:blue")
+        ax.set_yscale("log")
+        if bad:
+            top = ax.get_ylim()[1]
+            ax.scatter(bad, [top] * len(bad), s=8, color="tab:orange", label="inf / nan")
+            ax.legend(fontsize=6, loc="lower right")
+        ax.set_title(f"{label}: reconstruction error per example", fontsize=8)
+        ax.set_ylabel("L2 error", fontsize=7)
+        ax2 = fig.add_subplot(len(runs), 2, 2 * i + 2)
+        st = [t for t, *_ in hist["spectra"]]
+        for k, (name, color) in enumerate((("sigma_min", "tab:green"), ("sigma_max", "tab:red"), ("cond", "k")), 1):
+            ax2.plot(st, [v[k] if math.isfinite(v[k]) and v[k] > 0 else math.nan for v in hist["spectra"]],
+                     marker=".", color=color, label=name)
+        ax2.set_yscale("log")
+        ax2.set_title(f"{label}: singular values of J_F", fontsize=8)
+        ax2.legend(fontsize=6)
+        if i == len(runs) - 1:
+            ax.set_xlabel("training step")
+            ax2.set_xlabel("training step")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def supervised_table(out_dir: Path, *, quick: bool = False, seed: int = 0, data: str = "digits",
                      data_dir: str | None = None, paper: bool = False, scale: str = "sigmoid",
                      couplings: Sequence[str] = ("additive", "affine"), regs: Sequence[str] = ("none", "fd", "nf"),
@@ -295,7 +358,8 @@ def supervised_table(out_dir: Path, *, quick: bool = False, seed: int = 0, data:
     out_dir = Path(out_dir)
     st = settings_for(data, paper)
     if quick:
-        st.update(levels=1, steps_per_level=2, hidden=16, steps=40, angle_every=10, track_every=10)
+        st.update(levels=1, steps_per_level=2, hidden=16, steps=40, angle_every=10, track_every=10, cond_every=10,
+                  cond_points=2)
     st.update(overrides)
     splits = _load(data, data_dir, seed)
     rows, runs = [], {}
@@ -308,7 +372,7 @@ def supervised_table(out_dir: Path, *, quick: bool = False, seed: int = 0, data:
                   f"min sv {row['min_sv']:.3g}  max sv {row['max_sv']:.3g}  invertible (finite) {row['invertible']}"
                   f", <= 1e-3 {row['invertible_1e-3']}")
     cols = ["model", "reg", "invertible", "invertible_1e-3", "test_acc", "recon_err", "min_sv", "max_sv",
-            "nonfinite_pct", "nonfinite_steps", "fd_rows_nonfinite", "fd_rows_dropped", "max_angle"]
+            "nonfinite_pct", "nonfinite_steps", "fd_rows_nonfinite", "fd_rows_dropped", "max_angle", "max_cond_train"]
     (out_dir).mkdir(parents=True, exist_ok=True)
     (out_dir / "table.md").write_text(
         f"Supervised table (poster), {data}, memory-saving gradients, {st['steps']} steps, lr {st['lr']:g}, "
@@ -318,6 +382,7 @@ def supervised_table(out_dir: Path, *, quick: bool = False, seed: int = 0, data:
         + _markdown(rows, cols))
     _plot_angles(out_dir / "gradient_angle.png", {k: v for k, v in runs.items()})
     _plot_recon(out_dir / "reconstruction.png", runs)
+    _plot_stability(out_dir / "stability.png", runs)
     summary = {"settings": {**st, "data": data, "scale": scale, "seed": seed}, "rows": rows}
     _write(out_dir, "summary.json", summary)
     _write(out_dir, "histories.json", runs)
@@ -331,7 +396,8 @@ def gradient_angle_curve(out_dir: Path, *, quick: bool = False, seed: int = 0, d
     out_dir.mkdir(parents=True, exist_ok=True)
     st = dict(settings_for(data), angle_every=10)
     if quick:
-        st.update(levels=1, steps_per_level=2, hidden=16, steps=40, angle_every=5, track_every=10)
+        st.update(levels=1, steps_per_level=2, hidden=16, steps=40, angle_every=5, track_every=10, cond_every=10,
+                  cond_points=2)
     st.update(overrides)
     splits = _load(data, data_dir, seed)
     runs, rows = {}, []
@@ -551,7 +617,7 @@ REPORTS = {
     "supervised-table": Report(
         keys=("model", "reg"),
         columns=("model", "reg", "invertible", "invertible_1e-3", "test_acc", "recon_err", "min_sv", "max_sv",
-                 "nonfinite_pct", "nonfinite_steps", "fd_rows_nonfinite"),
+                 "nonfinite_pct", "nonfinite_steps", "fd_rows_nonfinite", "max_cond_train"),
         claims=(
             Claim("poster: FD lowers the affine model's reconstruction error", _ERR,
                   {"model": "Affine", "reg": "FD"}, {"model": "Affine", "reg": "None"}),
