@@ -3,6 +3,7 @@ autograd Jacobian in float64; Lanczos (JVP/VJP only) within 5% of the exact valu
 small enough for both; analytic vs numerical log-det mismatch.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -130,3 +131,43 @@ def test_logdet_mismatch_finds_a_wrong_analytic_logdet():
     assert torch.allclose(sp.logdet_analytic, analytic, atol=1e-10)
     assert torch.allclose(sp.logdet_analytic, ld, atol=1e-8)
     assert float(sp.logdet_mismatch.max()) < 1e-8
+
+
+def test_lanczos_sigma_min_below_float32_resolution_comes_from_the_inverse_never_zero():
+    """float32 z = diag(d) x with sigma_min = 1e-6, sigma_max = 1: lambda_min(J^T J) = 1e-12 lies
+    far below float32's resolution (~1e-7 lambda_max), so the forward Ritz value is rounding; the
+    reported sigma_min must be 1 / sigma_max(J^-1) = 1e-6 (exact inverse), not 0 or noise."""
+    from stableflows.audit.spectra import RITZ_FLOOR_ULPS, lanczos_gram_extremes
+
+    d = torch.logspace(0, -6, 12)  # 1 ... 1e-6, float32
+
+    def fwd(x):
+        return x * d
+
+    def inv(z):
+        return z / d
+
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
+    lam_max, lam_min = lanczos_gram_extremes(fwd, x, steps=12, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(lam_max, torch.ones(5, dtype=torch.float64), rtol=1e-5)
+    # no value at or below the rounding floor survives as a "bound"
+    floor = RITZ_FLOOR_ULPS * torch.finfo(torch.float32).eps
+    assert bool((torch.isnan(lam_min) | (lam_min > floor)).all())
+    sp = spectra(as_invertible((fwd, inv)), x, torch.arange(5), method="iterative", steps=12)
+    assert torch.allclose(sp.fwd_smax, torch.ones(5, dtype=torch.float64), rtol=1e-5)
+    assert torch.allclose(sp.fwd_smin, torch.full((5,), 1e-6, dtype=torch.float64), rtol=1e-3)
+    assert torch.allclose(sp.inv_smax, torch.full((5,), 1e6, dtype=torch.float64), rtol=1e-3)
+
+
+def test_an_overflowed_or_missing_inverse_estimate_reads_unresolved_not_zero():
+    from stableflows.audit.spectra import _reciprocal
+
+    r = _reciprocal(torch.tensor([4.0, math.inf, 0.0, math.nan, -1.0], dtype=torch.float64))
+    assert r[0] == 0.25 and bool(torch.isnan(r[1:]).all())
+    # a well-conditioned float32 map keeps the forward Lanczos bound: sigma in [0.5, 2]
+    d = torch.linspace(0.5, 2.0, 8)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    sp = spectra(as_invertible((lambda t: t * d, lambda t: t * math.inf)), x, torch.arange(3),
+                 method="iterative", steps=8)
+    assert torch.allclose(sp.fwd_smin, torch.full((3,), 0.5, dtype=torch.float64), rtol=1e-4)
+    assert torch.allclose(sp.fwd_smax, torch.full((3,), 2.0, dtype=torch.float64), rtol=1e-5)

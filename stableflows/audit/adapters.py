@@ -162,7 +162,10 @@ class Invertible:
                 self._inverse_override = None
 
     def eval_mode(self) -> "_EvalMode":
-        """Context manager: every owned module in eval mode, restored afterwards."""
+        """Context manager: every owned module in eval mode and memory-saving gradients off (stored
+        activations), both restored afterwards. The audit measures the map, so its Jacobian products
+        must not recompute activations through the inverse under test; and the memory-saving
+        backward is once differentiable, which left Lanczos with finite-difference JVPs."""
         return _EvalMode(self.module)
 
     def __repr__(self) -> str:
@@ -177,13 +180,20 @@ class _EvalMode:
 
     def __enter__(self):
         if self.module is not None:
+            from ..memory import memory_saving_modules
+
             self.modes = [(m, m.training) for m in self.module.modules()]
+            self.saving = [(m, m.enabled) for m in memory_saving_modules(self.module)]
             self.module.eval()
+            for m, _ in self.saving:
+                m.enabled = False
         return self
 
     def __exit__(self, *exc):
         for m, mode in self.modes:
             m.training = mode
+        for m, enabled in getattr(self, "saving", []):
+            m.enabled = enabled
         return False
 
 

@@ -5,7 +5,7 @@ Reported per point: ``sigma_min``, ``sigma_max`` and the condition number ``sigm
 
 * **exact**: the full Jacobian as ``D`` vector-Jacobian products of ``x -> sum_b F(x)_b`` over one
   forward graph (:mod:`.autodiff`; valid because a flow acts on each example independently), then
-  ``torch.linalg.svdvals`` in float64. Also the numerical ``log|det J|`` (``slogdet``) to
+  ``torch.linalg.svdvals`` in float64. Also the numerical ``log|det J| = sum_i log sigma_i`` to
   compare with the model's analytic log-det.
 * **iterative**: Lanczos on ``J^T J`` with full re-orthogonalisation, using only Jacobian-vector
   products and vector-Jacobian products (:mod:`.autodiff`), never
@@ -13,6 +13,10 @@ Reported per point: ``sigma_min``, ``sigma_max`` and the condition number ``sigm
   in a few steps, ``lambda_min`` from above but slowly (and ``J^T J`` squares the condition number).
   So ``sigma_min(J_F)`` is also estimated as ``1 / sigma_max(J_{F^-1})`` (exact when the inverse is
   exact); the smaller of the two upper bounds is reported, and symmetrically for the inverse.
+  ``J^T J v`` carries an error of ~``eps * lambda_max`` in the model's dtype, so a smallest Ritz value
+  below ``RITZ_FLOOR_ULPS * eps * lambda_max`` (float32: ``sigma_max / sigma_min`` above ~700) is
+  rounding and gives no bound, nor does an overflowed ``sigma_max``; where neither estimate is left, ``sigma_min`` is NaN
+  ("unresolved"), never 0.
 """
 from __future__ import annotations
 
@@ -27,13 +31,15 @@ from torch import Tensor
 from . import autodiff as _ad
 
 __all__ = ["Spectra", "jacobians", "exact_singular_values", "lanczos_gram_extremes", "spectra",
-           "probe_vjp_seconds", "EXACT_MAX_DIM", "LANCZOS_STEPS", "MIN_LANCZOS", "JACOBIAN_CHUNK_BYTES"]
+           "probe_vjp_seconds", "EXACT_MAX_DIM", "LANCZOS_STEPS", "MIN_LANCZOS", "JACOBIAN_CHUNK_BYTES",
+           "RITZ_FLOOR_ULPS"]
 
 EXACT_MAX_DIM = 4096  # above this dimension "auto" switches to the iterative estimate
 LANCZOS_STEPS = 48  # Lanczos iterations (capped at the dimension)
 MIN_LANCZOS = 8  # fewest Lanczos steps a time budget may choose (sigma_max converges in a few)
 JACOBIAN_CHUNK_BYTES = 2 ** 28  # memory of one chunk of Jacobians (B_chunk * D_out * D_in entries)
 BREAKDOWN = 1e-10  # relative Lanczos residual below which the Krylov space is exhausted
+RITZ_FLOOR_ULPS = 16  # lambda_min(J^T J) below this many eps(dtype) * lambda_max is unresolved (NaN)
 
 
 def _flat(fn: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
@@ -130,7 +136,12 @@ def lanczos_gram_extremes(fn: Callable[[Tensor], Tensor], x: Tensor, steps: int 
     lam_min = torch.full((b,), float("nan"), dtype=torch.float64)
     if ok.any():
         ev = torch.linalg.eigvalsh(T[ok])  # ascending
-        lam_max[ok], lam_min[ok] = ev[:, -1].cpu(), ev[:, 0].clamp_min(0).cpu()
+        lo, hi = ev[:, 0], ev[:, -1]
+        # J^T J v is computed in the model's dtype: its error is ~eps * lambda_max, so a smallest Ritz
+        # value below RITZ_FLOOR_ULPS * eps * lambda_max (or <= 0) is rounding, not an upper bound
+        floor = RITZ_FLOOR_ULPS * torch.finfo(xf.dtype).eps * hi
+        lam_max[ok] = hi.cpu()
+        lam_min[ok] = torch.where(lo > floor, lo, torch.full_like(lo, float("nan"))).cpu()
     return lam_max, lam_min
 
 
@@ -146,7 +157,7 @@ class Spectra:
     inv_smin: Tensor
     inv_smax: Tensor
     logdet_analytic: Tensor | None = None  # (P,) the model's log|det J_F|
-    logdet_numeric: Tensor | None = None  # (P,) slogdet of the exact Jacobian
+    logdet_numeric: Tensor | None = None  # (P,) sum of log singular values of the exact Jacobian
     steps: int | None = None  # Lanczos steps (iterative)
     errors: list = field(default_factory=list)  # what could not be computed, and why
     steps_used: tuple | None = None  # Lanczos steps done (forward, inverse) when a deadline stopped them
@@ -164,6 +175,12 @@ class Spectra:
         if self.logdet_analytic is None or self.logdet_numeric is None:
             return None
         return (self.logdet_analytic - self.logdet_numeric).abs()
+
+
+def _reciprocal(s: Tensor) -> Tensor:
+    """``1 / s`` where ``s`` is finite and positive, NaN (unresolved) elsewhere."""
+    ok = torch.isfinite(s) & (s > 0)
+    return torch.where(ok, 1.0 / torch.where(ok, s, torch.ones_like(s)), torch.full_like(s, float("nan")))
 
 
 def _safe(fn, x, errors: list | None = None, what: str = ""):
@@ -227,11 +244,11 @@ def spectra(model, x: Tensor, index: Tensor, *, method: str = "auto", steps: int
         if jf is not None:
             sv = exact_singular_values(jf.double()).cpu()
             res.fwd_smax, res.fwd_smin = sv[:, 0], sv[:, -1]
-            ok = torch.isfinite(jf.reshape(p, -1)).all(dim=1)
-            num = torch.full((p,), float("nan"), dtype=torch.float64)
-            if ok.any():
-                num[ok] = torch.linalg.slogdet(jf[ok].double())[1].cpu()
-            res.logdet_numeric = num
+            # log|det J| = sum log sigma_i from the SVD already computed (NaN rows stay NaN). Not
+            # slogdet: MKL's batched LU printed "Parameter 6 was incorrect on entry to DLASWP" and
+            # never returned on 16 Jacobians (784 x 784) of a trained 28x28 affine classifier
+            res.logdet_numeric = sv.log().sum(dim=1) if jf.shape[1] == jf.shape[2] else \
+                torch.full((p,), float("nan"), dtype=torch.float64)
         if ji is not None:
             sv = exact_singular_values(ji.double()).cpu()
             res.inv_smax, res.inv_smin = sv[:, 0], sv[:, -1]
@@ -251,8 +268,9 @@ def spectra(model, x: Tensor, index: Tensor, *, method: str = "auto", steps: int
         if li is not None:
             res.inv_smax, res.inv_smin = li[0].double().sqrt(), li[1].double().sqrt()
         # sigma_min(J_F) = 1 / sigma_max(J_F^-1): both estimates are upper bounds, keep the smaller
-        res.fwd_smin = torch.fmin(res.fwd_smin, 1.0 / res.inv_smax)
-        res.inv_smin = torch.fmin(res.inv_smin, 1.0 / res.fwd_smax)
+        # (fmin skips NaN; an infinite sigma_max overflowed and bounds nothing, so it reads NaN, not 0)
+        res.fwd_smin = torch.fmin(res.fwd_smin, _reciprocal(res.inv_smax))
+        res.inv_smin = torch.fmin(res.inv_smin, _reciprocal(res.fwd_smax))
     if model.has_logdet:
         with torch.no_grad():
             ld = _safe(model.logdet, x, err, "analytic log-det")
