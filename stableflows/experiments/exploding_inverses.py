@@ -648,6 +648,8 @@ REPORTS = {
                   {"model": "Additive", "reg": "FD"}, {"model": "Additive", "reg": "None"}),
             Claim("poster: FD does not cost the affine model accuracy (FD - none, higher is better)", _ACC,
                   {"model": "Affine", "reg": "FD"}, {"model": "Affine", "reg": "None"}, lower=False),
+            Claim("poster: FD raises the affine model's smallest singular value (FD - none, higher is better)",
+                  "min_sv", {"model": "Affine", "reg": "FD"}, {"model": "Affine", "reg": "None"}, lower=False),
         )),
     "gradient-angle": Report(keys=("model",), columns=("model", "median_angle", "max_angle", "nonfinite_checks",
                                                        "checks", "test_acc", "invertible", "invertible_1e-3",
