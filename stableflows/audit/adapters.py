@@ -179,21 +179,19 @@ class _EvalMode:
         self.modes: list[tuple[nn.Module, bool]] = []
 
     def __enter__(self):
+        self.stack = contextlib.ExitStack()
         if self.module is not None:
-            from ..memory import memory_saving_modules
+            from ..memory import stored_activations
 
             self.modes = [(m, m.training) for m in self.module.modules()]
-            self.saving = [(m, m.enabled) for m in memory_saving_modules(self.module)]
             self.module.eval()
-            for m, _ in self.saving:
-                m.enabled = False
+            self.stack.enter_context(stored_activations(self.module))
         return self
 
     def __exit__(self, *exc):
+        self.stack.close()
         for m, mode in self.modes:
             m.training = mode
-        for m, enabled in getattr(self, "saving", []):
-            m.enabled = enabled
         return False
 
 

@@ -15,8 +15,8 @@ Reported per point: ``sigma_min``, ``sigma_max`` and the condition number ``sigm
   exact); the smaller of the two upper bounds is reported, and symmetrically for the inverse.
   ``J^T J v`` carries an error of ~``eps * lambda_max`` in the model's dtype, so a smallest Ritz value
   below ``RITZ_FLOOR_ULPS * eps * lambda_max`` (float32: ``sigma_max / sigma_min`` above ~700) is
-  rounding and gives no bound, nor does an overflowed ``sigma_max``; where neither estimate is left, ``sigma_min`` is NaN
-  ("unresolved"), never 0.
+  rounding and gives no bound, nor does an overflowed ``sigma_max``; where neither estimate is
+  left, ``sigma_min`` is NaN ("unresolved"), never 0.
 """
 from __future__ import annotations
 
@@ -222,9 +222,18 @@ def spectra(model, x: Tensor, index: Tensor, *, method: str = "auto", steps: int
             exact_max_dim: int = EXACT_MAX_DIM, seed: int = 0, deadline: float | None = None) -> Spectra:
     """Spectra of ``model`` (an :class:`~stableflows.audit.adapters.Invertible`, already in the
     wanted dtype) at the points ``x (P, *shape)``; ``index`` names them in their family.
-    ``deadline`` stops the Lanczos iterations early (the forward gets half the time left)."""
+    ``deadline`` stops the Lanczos iterations early (the forward gets half the time left).
+    Computed in ``model.eval_mode()``: eval mode and stored activations (memory-saving gradients
+    recompute through the inverse under test and are once differentiable)."""
     if method not in ("auto", "exact", "iterative"):
         raise ValueError(f"spectra method must be auto, exact or iterative, got {method!r}")
+    with model.eval_mode():
+        return _spectra(model, x, index, method=method, steps=steps, exact_max_dim=exact_max_dim, seed=seed,
+                        deadline=deadline)
+
+
+def _spectra(model, x: Tensor, index: Tensor, *, method: str, steps: int, exact_max_dim: int, seed: int,
+             deadline: float | None) -> Spectra:
     d = math.prod(x.shape[1:])
     if method == "auto":
         method = "exact" if d <= exact_max_dim else "iterative"

@@ -153,9 +153,7 @@ def _tracked_spectra(model, x: Tensor) -> tuple[float, float, float]:
     from ..audit.adapters import as_invertible
     from ..audit.spectra import spectra
 
-    inv = as_invertible(model)
-    with inv.eval_mode():  # stored activations: Jacobian products through the map, not the memory-saving backward
-        sp = spectra(inv, x, torch.arange(x.shape[0]), exact_max_dim=COND_EXACT_MAX_DIM)
+    sp = spectra(as_invertible(model), x, torch.arange(x.shape[0]), exact_max_dim=COND_EXACT_MAX_DIM)
     smin, smax = sp.fwd_smin, sp.fwd_smax
     if not bool(torch.isfinite(smin).any() & torch.isfinite(smax).any()):
         return math.nan, math.nan, math.nan
