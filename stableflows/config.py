@@ -69,6 +69,7 @@ class ModelConfig:
     grad_in_forward: bool = True
     fc_blocks: int = 0
     factor_out: bool = False
+    squeeze_first: bool = False  # residual flows on images: squeeze before the first scale (002's ImageNet models)
     norm: str = "spectral"  # spectral | inf (induced infinity-norm)
     # invertible classifiers and hybrid models (models "classifier", "hybrid")
     n_classes: int = 10  # classes of the head

@@ -22,6 +22,9 @@ ENTRIES = {
     "resflow_img_factor_out_fc": Entry(
         build=lambda: resflow(shape=IMG, levels=2, steps_per_level=1, hidden=3, factor_out=True, fc_blocks=1,
                               fc_hidden=4, **EXACT), shape=IMG, domain="unit", gradcheck=False),
+    "resflow_img_squeeze_first": Entry(
+        build=lambda: resflow(shape=IMG, levels=2, steps_per_level=1, hidden=3, squeeze_first=True, **EXACT),
+        shape=IMG, domain="unit", gradcheck=False),
     "iresnet_vec": Entry(build=lambda: iresnet(shape=(4,), levels=1, steps_per_level=2, hidden=6, **EXACT),
                          shape=(4,), domain="unit"),
     "iresnet_img_no_actnorm": Entry(

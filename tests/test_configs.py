@@ -109,7 +109,8 @@ def test_exploding_inverses_configs_hold_the_authors_settings(reg):
 FASHION = {  # file -> (model, coupling): the models issue 13 asks a 20-minute config for
     "glow_affine_fashion": ("glow", "affine"), "glow_additive_fashion": ("glow", "additive"),
     "cv_glow_fashion": ("cv_glow", None), "glow_spline_fashion": ("glow", "spline"),
-    "resflow_fashion": ("resflow", None), "classifier_additive_fashion": ("classifier", "additive"),
+    "resflow_fashion": ("resflow", None), "resflow_fast_fashion": ("resflow", None),
+    "classifier_additive_fashion": ("classifier", "additive"),
     "classifier_affine_fashion": ("classifier", "affine")}
 
 

@@ -147,6 +147,7 @@ RESIDUAL = {  # for resflow and iresnet; values differ from both factories' defa
     "fc_hidden": (5, IMG, {"hidden": 4, "steps_per_level": 1, "fc_blocks": 1},
                   lambda m: any(isinstance(l, LipschitzLinear) and l.out_features == 5 for l in lips(m))),
     "factor_out": (True, IMG, {"hidden": 4, "steps_per_level": 1}, lambda m: bool(of(m, MultiScale))),
+    "squeeze_first": (True, IMG, {"hidden": 4, "steps_per_level": 1}, lambda m: len(of(m, Squeeze)) == 2),
     "mlp_layers": (2, VEC, TINY_RES, lambda m: len(lips(m)) == 2 * len(of(m, ResidualBlock))),
     "inverse_atol": (1e-3, VEC, TINY_RES, lambda m: all(b.inverse_atol == 1e-3 for b in of(m, ResidualBlock))),
     "inverse_rtol": (1e-2, VEC, TINY_RES, lambda m: all(b.inverse_rtol == 1e-2 for b in of(m, ResidualBlock))),

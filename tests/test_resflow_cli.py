@@ -20,6 +20,7 @@ from stableflows.commands.options import config_from_args, flag_for
 from stableflows.config import ModelConfig
 from stableflows.estimators import ExactEstimator, RouletteEstimator, SeriesEstimator
 from stableflows.models.registry import build_model
+from stableflows.transforms.reshape import Squeeze
 from stableflows.transforms.activations import ELU, LipSwish, Softplus
 from stableflows.transforms.lipschitz import LipschitzConv2d, LipschitzLinear
 from stableflows.transforms.multiscale import MultiScale
@@ -84,6 +85,7 @@ OPTIONS = {
 IMAGE_OPTIONS = {  # checked on an image model (1, 8, 8), two levels
     "fc_blocks": ("2", lambda m: sum(isinstance(b.g[-1], LipschitzLinear) for b in _blocks(m)) == 2),
     "factor_out": (True, lambda m: any(isinstance(x, MultiScale) for x in m.modules())),
+    "squeeze_first": (True, lambda m: sum(isinstance(x, Squeeze) for x in m.modules()) == 2),
     "fc_hidden": ("5", lambda m: any(isinstance(l, LipschitzLinear) and l.out_features == 5 for l in _lip(m))),
 }
 

@@ -225,3 +225,34 @@ def test_bad_block_arguments():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ResidualBlock(nn.Identity(), estimator="roulette", dist="poisson", p=3.0)
+
+
+def test_squeeze_first_runs_every_block_at_half_resolution_and_checks_its_shapes():
+    """002's ImageNet architecture (Image -> Squeeze -> Logit -> blocks): on 1x28x28 every conv block of
+    the first scale sees 4x14x14 and the second 16x7x7 (without it: 1x28x28 and 4x14x14)."""
+    from stableflows.models.residual import resflow
+    from stableflows.transforms.base import ShapeError
+
+    seen = set()
+
+    def shapes(model):
+        hooks = [b.register_forward_pre_hook(lambda m, a: seen.add(tuple(a[0].shape[1:])))
+                 for b in model.modules() if isinstance(b, ResidualBlock)]
+        x = torch.rand(2, 1, 28, 28) * 0.9 + 0.05
+        with torch.no_grad():
+            model.eval()
+            z = model.transform(x)[0]
+        for h in hooks:
+            h.remove()
+        out = set(seen)
+        seen.clear()
+        return out, z
+
+    fast, z = shapes(resflow(shape=(1, 28, 28), levels=2, steps_per_level=1, hidden=4, squeeze_first=True))
+    assert fast == {(4, 14, 14), (16, 7, 7)} and z.shape == (2, 784)
+    full, _ = shapes(resflow(shape=(1, 28, 28), levels=2, steps_per_level=1, hidden=4))
+    assert full == {(1, 28, 28), (4, 14, 14)}
+    with pytest.raises(ShapeError, match="squeeze 2 times .one of them squeeze_first.*divisible by 4"):
+        resflow(shape=(1, 6, 6), levels=2, squeeze_first=True)
+    with pytest.raises(ValueError, match="squeeze_first squeezes images"):
+        resflow(shape=(8,), squeeze_first=True)

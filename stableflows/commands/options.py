@@ -78,6 +78,8 @@ HELP: dict[str, str] = {
     "model.grad_in_forward": "residual flows: compute the log-det gradient during the forward pass (saves memory)",
     "model.fc_blocks": "residual flows: fully connected residual blocks appended after the convolutional ones",
     "model.factor_out": "residual flows: factor out half the channels at each level (multi-scale)",
+    "model.squeeze_first": "residual flows on images: squeeze before the first scale (002's ImageNet architecture; "
+                           "every block at half the height and width, a quarter of the convolution cost)",
     "model.norm": "residual flows: normalisation of weights: spectral (2-norm) | inf (induced infinity-norm) | "
                   "one (induced 1-norm) | mixed (induced mixed p->q norms with learned orders in (1.5, 2.5), vectors)",
     "model.n_classes": "classifier / hybrid: number of classes of the head",

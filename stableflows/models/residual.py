@@ -9,11 +9,17 @@ Architecture (paper 002, app. E), ActNorm before the first block and after every
 
     vectors (D,):     [Logit] -> ActNorm -> (ResBlock -> ActNorm) x (levels * steps_per_level)
                       g = Linear -> act -> Linear -> act -> Linear            (``mlp_layers`` = 3)
-    images (C, H, W): Logit -> scale_0 -> [Squeeze -> (factor out) -> scale_k] x (levels - 1)
+    images (C, H, W): [Squeeze] -> Logit -> scale_0 -> [Squeeze -> (factor out) -> scale_k] x (levels - 1)
                       -> flatten -> ActNorm -> (FC ResBlock -> ActNorm) x fc_blocks
                       scale_k = ActNorm -> (ResBlock -> ActNorm) x steps_per_level
                       g = act -> 3x3 conv -> act -> 1x1 conv -> act -> 3x3 conv  (``hidden`` channels)
                       FC g = act -> Linear -> act -> Linear -> act -> Linear     (``fc_hidden`` units)
+
+``squeeze_first``: a squeeze before the first scale, as 002 builds its ImageNet 32 / 64 and
+CelebA-HQ models ("Image -> Squeeze -> LogitTransform -> ..."; its MNIST and CIFAR-10 models start
+at full resolution). Every block then runs at half the height and width with four times the
+channels: at the same ``hidden`` the 3x3 convolutions cost a quarter of the multiply-adds of the
+first scale. (The logit is elementwise, so it commutes with the squeeze.)
 
 ``factor_out``: after the squeeze that ends each scale but the last, half the channels leave the
 flow as standard-normal latents (``SplitPrior(learned=False)``), as the published code does for
@@ -75,7 +81,8 @@ class ResidualFlowModel(RefreshOnEval, Flow):
     iteration of every normalised layer for the current weights (:class:`RefreshOnEval`)."""
 
 
-def _check(shape, *, levels, steps_per_level, hidden, fc_blocks, coeff, logit_alpha, norm, activation) -> tuple:
+def _check(shape, *, levels, steps_per_level, hidden, fc_blocks, coeff, logit_alpha, norm, activation,
+           squeeze_first=False) -> tuple:
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (1, 3) or min(shape) < 1:
         raise ShapeError(f"shape must be (D,) for vectors or (C, H, W) for images, got {shape}")
@@ -95,11 +102,15 @@ def _check(shape, *, levels, steps_per_level, hidden, fc_blocks, coeff, logit_al
 
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(sorted(ACTIVATIONS))}")
+    if squeeze_first and len(shape) != 3:
+        raise ValueError(f"squeeze_first squeezes images (C, H, W); got vectors of shape {shape}")
     if len(shape) == 3:
         c, h, w = shape
-        f = 2 ** (levels - 1)
+        n = levels - 1 + int(squeeze_first)
+        f = 2 ** n
         if h % f or w % f:
-            raise ShapeError(f"{levels} levels squeeze {levels - 1} times: height and width must be divisible "
+            first = " (one of them squeeze_first)" if squeeze_first else ""
+            raise ShapeError(f"{levels} levels squeeze {n} times{first}: height and width must be divisible "
                              f"by {f}, got {shape}")
     return shape
 
@@ -146,14 +157,15 @@ def _build(*, shape, levels, steps_per_level, hidden, logit_alpha, actnorm, coef
            n_exact_terms, eval_exact_terms, n_samples, dist, p, probe, n_series_terms, neumann_grad,
            grad_in_forward, n_power_iter, power_atol, power_rtol, max_power_iter, fc_blocks, fc_hidden,
            factor_out, mlp_layers, inverse_atol, inverse_rtol, inverse_max_iter, strict, config,
-           defaults: dict) -> Flow:
+           defaults: dict, squeeze_first: bool = False) -> Flow:
     given = dict(coeff=coeff, activation=activation, estimator=estimator, n_power_iter=n_power_iter)
     coeff, activation, estimator, n_power_iter = (defaults[k] if v is None else v for k, v in given.items())
     toy = len(tuple(shape)) == 1 and int(tuple(shape)[0]) == TOY_DIM
     if actnorm is None:  # off for 2-D toys: the blocks must see the data at its own scale (module docstring)
         actnorm = not toy
     shape = _check(shape, levels=levels, steps_per_level=steps_per_level, hidden=hidden, fc_blocks=fc_blocks,
-                   coeff=coeff, logit_alpha=logit_alpha, norm=norm, activation=activation)
+                   coeff=coeff, logit_alpha=logit_alpha, norm=norm, activation=activation,
+                   squeeze_first=squeeze_first)
     lip_kw = dict(coeff=coeff, activation=activation, norm=norm, n_power_iter=n_power_iter, atol=power_atol,
                   rtol=power_rtol, max_power_iter=max(max_power_iter, n_power_iter))
     block_kw = dict(estimator=estimator, n_exact_terms=n_exact_terms, eval_exact_terms=eval_exact_terms,
@@ -170,7 +182,11 @@ def _build(*, shape, levels, steps_per_level, hidden, logit_alpha, actnorm, coef
 
         body = _stack(shape, levels * steps_per_level, mlp_g, actnorm, block_kw)
         return ResidualFlowModel(Compose(pre + body), shape, shape, config=config)
-    body = _image_body(shape, 0, levels=levels, steps_per_level=steps_per_level, factor_out=factor_out,
+    inner = shape
+    if squeeze_first:  # 002's ImageNet models: Image -> Squeeze -> Logit; the logit is elementwise, so
+        pre = pre + [Squeeze(2)]  # Logit -> Squeeze is the same map, with the domain check on the input
+        inner = (4 * shape[0], shape[1] // 2, shape[2] // 2)
+    body = _image_body(inner, 0, levels=levels, steps_per_level=steps_per_level, factor_out=factor_out,
                        fc_blocks=fc_blocks, fc_hidden=fc_hidden or hidden, hidden=hidden, actnorm=actnorm,
                        lip_kw=lip_kw, block_kw=block_kw)
     return ResidualFlowModel(Compose(pre + [body]), shape, (math.prod(shape),), config=config)
@@ -200,6 +216,8 @@ _COMMON_ARGS = """
             ``n_power_iter`` iterations per step, no device read; module docstring).
         fc_blocks, fc_hidden: fully connected blocks after the last scale (images), their width (None: ``hidden``).
         factor_out: factor out half the channels after each squeeze (images).
+        squeeze_first: squeeze before the first scale (images; 002's ImageNet architecture), every
+            block at half the resolution.
         mlp_layers: normalised linear layers per branch of vector models.
         inverse_atol, inverse_rtol, inverse_max_iter, strict: fixed-point inverse of every block
             (``strict`` raises :class:`~stableflows.transforms.base.InverseNotConverged`).
@@ -217,7 +235,7 @@ def resflow(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, 
             max_power_iter: int = DEFAULT_MAX_POWER_ITER, fc_blocks: int = 0, fc_hidden: int | None = None,
             factor_out: bool = False, mlp_layers: int = MLP_LAYERS, inverse_atol: float = DEFAULT_INVERSE_ATOL,
             inverse_rtol: float = DEFAULT_INVERSE_RTOL, inverse_max_iter: int = DEFAULT_INVERSE_MAX_ITER,
-            strict: bool = False, config=None) -> Flow:
+            strict: bool = False, squeeze_first: bool = False, config=None) -> Flow:
     """Residual Flow (Chen et al. 2019): LipSwish, ``c = 0.98``, unbiased Russian roulette,
     Neumann gradient + backward-in-forward (module docstring for the architecture).
 
@@ -237,7 +255,7 @@ def iresnet(*, shape: Sequence[int], levels: int = 2, steps_per_level: int = 4, 
             max_power_iter: int = DEFAULT_MAX_POWER_ITER, fc_blocks: int = 0, fc_hidden: int | None = None,
             factor_out: bool = False, mlp_layers: int = MLP_LAYERS, inverse_atol: float = DEFAULT_INVERSE_ATOL,
             inverse_rtol: float = DEFAULT_INVERSE_RTOL, inverse_max_iter: int = DEFAULT_INVERSE_MAX_ITER,
-            strict: bool = False, config=None) -> Flow:
+            strict: bool = False, squeeze_first: bool = False, config=None) -> Flow:
     """i-ResNet (Behrmann et al. 2019): the architecture of :func:`resflow` with ELU, ``c = 0.9``
     and the biased truncated series of ``n_series_terms`` terms.
 
