@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +34,7 @@ def test_list_names_every_benchmark_with_existing_files():
     cmds = [line.split("$ ", 1)[1] for line in r.stdout.splitlines() if "$ " in line]
     names = [line.split()[0] for line in r.stdout.splitlines() if line and not line.startswith(" ")]
     assert {"quality-glow", "quality-resflow", "quality-splineglow", "memory_saving", "resflow_memory",
-            "resflow_speed", "audit_speed", "peers"} == set(names)
+            "resflow_speed", "resflow_squeeze_first", "audit_speed", "peers"} == set(names)
     for c in cmds:
         words = c.split()
         assert words[:2] == ["python", "-m"]
@@ -63,3 +65,23 @@ def test_quick_run_writes_the_benchmark_json_and_the_summary(tmp_path):
     med = out["median_s"]
     assert row["figures"]["ratio"] == out["ratio"] == med["stableflows"] / med["normflows"]
     assert (tmp_path / "logs" / "resflow_speed.log").read_text().count("ratio stableflows / normflows") == 1
+
+
+_FASHION = Path("/usr/share/datasets/fashion-mnist")
+_HAVE_FASHION = (_FASHION / "train-images-idx3-ubyte.gz").is_file() or (_FASHION / "train-images-idx3-ubyte").is_file()
+if os.environ.get("STABLEFLOWS_REQUIRE_FASHION_MNIST") == "1" and not _HAVE_FASHION:
+    raise RuntimeError(f"STABLEFLOWS_REQUIRE_FASHION_MNIST=1 but no Fashion-MNIST in {_FASHION} (make data)")
+
+
+@pytest.mark.skipif(not _HAVE_FASHION, reason=f"needs Fashion-MNIST in {_FASHION}: `make data`")
+def test_squeeze_first_benchmark_ratio_is_the_median_of_its_rounds(tmp_path):
+    r = _run("--quick", "--only", "resflow_squeeze_first", "--out-dir", str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = json.loads((tmp_path / "resflow_squeeze_first.json").read_text())
+    full, fast = out["configs"]
+    (rnd,) = out["rounds"]
+    assert rnd["train_ratio"] == rnd[full]["train_s_per_step"] / rnd[fast]["train_s_per_step"]
+    assert rnd["eval_ratio"] == rnd[full]["eval_s_per_image"] / rnd[fast]["eval_s_per_image"]
+    assert out["train_ratio"] == [rnd["train_ratio"]] * 3 and out["eval_ratio"] == [rnd["eval_ratio"]] * 3
+    # the squeezed model has 4 input channels where the full one has 1: its first convolutions are larger
+    assert out["params"][fast] > out["params"][full] > 0
