@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fashion_data import needs_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,13 +68,7 @@ def test_quick_run_writes_the_benchmark_json_and_the_summary(tmp_path):
     assert (tmp_path / "logs" / "resflow_speed.log").read_text().count("ratio stableflows / normflows") == 1
 
 
-_FASHION = Path("/usr/share/datasets/fashion-mnist")
-_HAVE_FASHION = (_FASHION / "train-images-idx3-ubyte.gz").is_file() or (_FASHION / "train-images-idx3-ubyte").is_file()
-if os.environ.get("STABLEFLOWS_REQUIRE_FASHION_MNIST") == "1" and not _HAVE_FASHION:
-    raise RuntimeError(f"STABLEFLOWS_REQUIRE_FASHION_MNIST=1 but no Fashion-MNIST in {_FASHION} (make data)")
-
-
-@pytest.mark.skipif(not _HAVE_FASHION, reason=f"needs Fashion-MNIST in {_FASHION}: `make data`")
+@needs_fashion_mnist
 def test_squeeze_first_benchmark_ratio_is_the_median_of_its_rounds(tmp_path):
     r = _run("--quick", "--only", "resflow_squeeze_first", "--out-dir", str(tmp_path), timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -26,10 +25,8 @@ from stableflows.config import DataConfig
 from stableflows.data import DatasetNotFound, load_dataset
 from stableflows.data import locate as L
 
-NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-PACKAGE_DIR = Path("/usr/share/datasets/fashion-mnist")
-APT = "apt-get install dataset-fashion-mnist"
-REQUIRE = os.environ.get("STABLEFLOWS_REQUIRE_FASHION_MNIST") == "1"
+from fashion_data import APT, NAMES, PACKAGE_DIR
+from fashion_data import needs_fashion_mnist as real
 ENV = (L.GENERIC_ENV, *L.ENV_VARS.values())
 
 
@@ -143,16 +140,6 @@ def test_evaluation_passes_at_28x28_and_the_value_does_not_depend_on_them():
 
 
 # ----------------------------------------------------------------------------- the real files
-def _have_package() -> bool:
-    return all((PACKAGE_DIR / f"{n}.gz").is_file() or (PACKAGE_DIR / n).is_file() for n in NAMES)
-
-
-_WHY = f"Fashion-MNIST IDX files not found in {PACKAGE_DIR}: install them with `sudo {APT}` (or `make data`)"
-if REQUIRE and not _have_package():
-    raise RuntimeError(f"STABLEFLOWS_REQUIRE_FASHION_MNIST=1 but {_WHY}")
-real = pytest.mark.skipif(not _have_package(), reason=_WHY)
-
-
 def _raw(name: str) -> bytes:
     p = PACKAGE_DIR / f"{name}.gz"
     return gzip.decompress(p.read_bytes()) if p.is_file() else (PACKAGE_DIR / name).read_bytes()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from fashion_data import needs_fashion_mnist
 
 from stableflows.audit.attacks import constraint_box
 from stableflows.experiments.pgd_range import EXPERIMENTS, WIDEN, centred
@@ -68,3 +69,32 @@ def test_28x28_settings_fit_the_image_and_use_the_companion_sets():
     for shape in ((1, 28, 28), (784,)):  # Glow sees images, the Residual Flow vectors
         assert set(COMPANION_28) <= set(_families(shape)) and "digits28" in _families(shape)
     assert "digits28" not in _families((1, 8, 8)) and "digits28" not in _families((64,))
+
+
+def test_28x28_conv_resflow_is_the_fast_config_without_its_logit():
+    """ResFlow-conv is configs/resflow_fast_fashion.toml's model field for field, except the logit."""
+    import dataclasses
+    from pathlib import Path
+
+    from stableflows.config import load_config
+    from stableflows.experiments.pgd_range import CONV_RESFLOW, SETTINGS
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "resflow_fast_fashion.toml").model
+    want = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "logit_alpha"}
+    got = dataclasses.asdict(dataclasses.replace(cfg, **CONV_RESFLOW))
+    assert {k: v for k, v in got.items() if k != "logit_alpha"} == want
+    assert cfg.logit_alpha > 0 and CONV_RESFLOW["logit_alpha"] == 0.0
+    assert SETTINGS["fashion-mnist"][0]["ResFlow-conv"] is CONV_RESFLOW
+
+
+@needs_fashion_mnist
+def test_quick_run_at_28x28_attacks_the_convolutional_residual_flow_too(tmp_path):
+    """On Fashion-MNIST the table has a third flow, the convolutional Residual Flow, without the logit
+    (the widened range lies inside its domain) and invertible on its test data."""
+    s = EXPERIMENTS["pgd-range"](tmp_path, quick=True, data="fashion-mnist")
+    conv = {r["constraint"]: r for r in s["rows"] if r["model"] == "ResFlow-conv"}
+    assert {"pgd:cell", "pgd:range", "test", "digits28"} <= set(conv)
+    assert {r["model"] for r in s["rows"]} == {"Glow", "ResFlow", "ResFlow-conv"}
+    assert all(r["pct_outside_domain"] == 0.0 for r in conv.values())
+    assert conv["pgd:range"]["status"] == "ok" and conv["test"]["max_err"] < 1e-3
+    assert s["settings"]["models"]["ResFlow-conv"]["squeeze_first"] is True
