@@ -134,3 +134,30 @@ def test_fixed_point_cap_during_the_attack_and_converged_final_error():
     ref = torch.linalg.norm((xh - res.best_x).double(), dim=1)
     assert torch.allclose(res.best_err, ref, rtol=1e-9, atol=1e-15)
     assert float(ref.max()) < 1e-4  # the converged inverse reconstructs
+
+
+def test_the_verdict_judges_the_worse_of_pgd_and_the_random_baseline():
+    """A map whose inverse overflows only far from the data (any coordinate above 1.1, inside the
+    widened range [-0.2, 1.2]) and is exact elsewhere: PGD sees a zero gradient and stays at its start
+    near the data, the random baseline draws whole points from the box and finds the overflow. The
+    attack's verdict must report it (before, it judged PGD's points alone and said invertible)."""
+    def forward(x):
+        return x.clone()
+
+    def inverse(z):
+        return torch.where((z > 1.1).any(dim=1, keepdim=True), torch.full_like(z, math.inf), z)
+
+    x = torch.rand(16, 4, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
+    rep = audit((forward, inverse), x, families="test", spectra_points=0, repeat=0, localize=False, shadow=False,
+                attack="pgd", attack_kwargs=dict(constraints=("range",), examples=16, steps=20, widen=0.2,
+                                                 data_range=(0.0, 1.0)), budget=None)
+    a = rep.attacks["pgd:range"]
+    assert bool(torch.isfinite(a.pgd.best_err).all()) and float(a.pgd.best_err.max()) == 0.0
+    hit = ~torch.isfinite(a.random.best_err)
+    assert int(hit.sum()) >= 8  # P(a draw misses) = (1.3 / 1.4) ** 4 per point, 21 points per example
+    assert torch.equal(a.from_random, hit)
+    assert rep.verdict["pgd:range"].status == "not invertible"
+    assert rep.verdict["pgd:range"].n_nonfinite == int(hit.sum())
+    assert rep.verdict["test"].status == "invertible"
+    assert rep.to_dict()["attacks"]["pgd:range"]["n_from_random"] == int(hit.sum())
+    assert any("random baseline found the worse point" in n for n in rep.notes)

@@ -72,6 +72,21 @@ class AttackOutcome:
     errors: dict
     verdict: FamilyVerdict
     preview: dict | None = None
+    from_random: Tensor | None = None  # per example: the random baseline found the worse point
+
+
+def _worst_of(pgd, base) -> Tensor | None:
+    """Per example, whether the random baseline's best point is worse (a larger error; non-finite
+    beats finite) than PGD's: the attack's verdict judges the worse of the two, so a non-invertible
+    input that either search found is reported."""
+    if base is None or base.status != "ok":
+        return None
+    return _rank(base.best_err) > _rank(pgd.best_err)
+
+
+def _rank(err: Tensor) -> Tensor:
+    """Errors ordered for :func:`_worst_of`: NaN (not evaluated, outside the domain) below everything."""
+    return torch.where(torch.isnan(err), torch.full_like(err, -1.0), err)
 
 
 def _to_model_space(data: Tensor, levels: int | None, seed: int) -> Tensor:
@@ -647,6 +662,12 @@ def _attack(m: Invertible, sh: Invertible | None, test: Tensor, x_int: Tensor | 
             if base.stopped:
                 plan.cut("attack", f"pgd:{c} random baseline stopped after {base.evaluations} points")
         name = f"pgd:{c}"
+        take = _worst_of(pgd, base) if pgd.status != "outside_domain" else None
+        x_adv = pgd.best_x
+        if take is not None and bool(take.any()):
+            x_adv = torch.where(take.view(-1, *([1] * (x0.dim() - 1))), base.best_x, pgd.best_x)
+            notes.append(f"{name}: the random baseline found the worse point for {int(take.sum())} of {k} examples; "
+                         f"the verdict judges the worse of the two searches")
         if pgd.status == "outside_domain":
             nan = torch.full((k,), math.nan, dtype=torch.float64)
             errors = {"l2": nan, "linf": nan.clone(), "rel": nan.clone()}
@@ -654,13 +675,13 @@ def _attack(m: Invertible, sh: Invertible | None, test: Tensor, x_int: Tensor | 
                                outside_domain=torch.ones(k, dtype=torch.bool))
         else:
             with m.eval_mode():
-                rec = reconstruct(m, pgd.best_x)
+                rec = reconstruct(m, x_adv)
             errors = _errors(rec)
             shadow_errors = shadow_ran = None
             if sh is not None:  # replay the adversarial points in float64: precision or the model?
                 t0 = time.perf_counter()
                 with sh.eval_mode():
-                    rec64 = reconstruct(sh, pgd.best_x.double(), keep=False)
+                    rec64 = reconstruct(sh, x_adv.double(), keep=False)
                 shadow_errors, shadow_ran = _errors(rec64), ~rec.error & ~rec64.error
                 if bool(rec64.error.any()):
                     notes.append(f"float64 shadow could not run {int(rec64.error.sum())} examples of {name}: "
@@ -671,13 +692,13 @@ def _attack(m: Invertible, sh: Invertible | None, test: Tensor, x_int: Tensor | 
                                shadow_errors=shadow_errors, shadow_ran=shadow_ran, error=rec.error,
                                error_text=rec.first_error() or pgd.message)
         preview = None
-        if pgd.best_x.dim() == 4:
+        if x_adv.dim() == 4:
             j = min(PREVIEW, k)
             with torch.no_grad(), m.eval_mode():
-                r = safe_apply(lambda t: m.inverse(m.forward(t)), pgd.best_x[:j])
-            preview = {"x": x0[:j].double().cpu(), "x_adv": pgd.best_x[:j].double().cpu(),
+                r = safe_apply(lambda t: m.inverse(m.forward(t)), x_adv[:j])
+            preview = {"x": x0[:j].double().cpu(), "x_adv": x_adv[:j].double().cpu(),
                        "x_hat": None if r.out is None else r.out.double().cpu()}
-        out[name] = AttackOutcome(c, pgd, base, errors, v, preview)
+        out[name] = AttackOutcome(c, pgd, base, errors, v, preview, take)
     plan.done("attack", time.perf_counter() - t_start)
     return out
 

@@ -368,9 +368,14 @@ def render_html(report) -> str:
             pct = a.pgd.pct_nonfinite
             parts.append(f"<p><b>{esc(nm)}</b>: {esc(a.pgd.status)}"
                          + (f" ({esc(a.pgd.message)})" if a.pgd.message else "")
-                         + f"; non-finite reconstructions {num(pct)} %" + "</p>" + _settings(a.pgd.settings))
+                         + f"; non-finite reconstructions {num(pct)} % (PGD's points)"
+                         + (f"; the random baseline found the worse point for {int(a.from_random.sum())} of "
+                            f"{a.from_random.numel()} examples, and the verdict judges those"
+                            if a.from_random is not None and bool(a.from_random.any()) else "")
+                         + "</p>" + _settings(a.pgd.settings))
             if a.preview is not None:
-                parts.append(_img(fig_images(f"{nm}: start, PGD input, its reconstruction",
+                parts.append(_img(fig_images(f"{nm}: start, attacked input (the worse of PGD and random), "
+                                             "its reconstruction",
                                              [("x", a.preview["x"]), ("x'", a.preview["x_adv"]),
                                               ("F^-1(F(x'))", a.preview["x_hat"])])))
     parts.append("<h2>Families</h2>")

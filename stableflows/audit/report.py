@@ -115,6 +115,7 @@ class AuditReport:
                           "settings": a.pgd.settings, "verdict": a.verdict.to_dict(),
                           "pct_nonfinite": a.pgd.pct_nonfinite, "best_err": a.pgd.best_err,
                           "start_err": a.pgd.start_err, "history": a.pgd.history, "errors": a.errors,
+                          "n_from_random": None if a.from_random is None else int(a.from_random.sum()),
                           "random": None if a.random is None else {
                               "best_err": a.random.best_err, "pct_nonfinite": a.random.pct_nonfinite,
                               "history": a.random.history, "status": a.random.status}}

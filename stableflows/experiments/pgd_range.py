@@ -132,7 +132,7 @@ def _attack(flow: nn.Module, splits, quick: bool) -> dict:
                 attack_kwargs=kw)
     out = _family_rows(rep)
     for c, a in rep.attacks.items():
-        err = a.errors["l2"]
+        err = a.pgd.best_err  # PGD's points alone; the random baseline has its own columns
         fin = err[torch.isfinite(err)]
         base = a.random.best_err if a.random is not None else None
         bfin = base[torch.isfinite(base)] if base is not None else None
