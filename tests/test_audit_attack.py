@@ -161,3 +161,22 @@ def test_the_verdict_judges_the_worse_of_pgd_and_the_random_baseline():
     assert rep.verdict["test"].status == "invertible"
     assert rep.to_dict()["attacks"]["pgd:range"]["n_from_random"] == int(hit.sum())
     assert any("random baseline found the worse point" in n for n in rep.notes)
+
+
+def test_a_nan_reconstruction_is_a_success_of_the_attack_not_an_unevaluated_point():
+    """An inverse that returns NaN (inf - inf) where the first coordinate exceeds 0.5: PGD must count
+    those examples as non-finite (error inf, found at its first evaluation), not drop them as if
+    they had never been evaluated (before: best error NaN, reported as outside the domain)."""
+    def forward(x):
+        return x.clone()
+
+    def inverse(z):
+        return torch.where(z[:, :1] > 0.5, torch.full_like(z, math.nan), z)
+
+    x0 = torch.tensor([[0.9, 0.2], [0.8, 0.3], [0.1, 0.2], [0.2, 0.4]], dtype=torch.float64)
+    m = as_invertible((forward, inverse))
+    res = pgd_attack(m, x0, constraint="linf", eps=0.01, steps=5, seed=0)
+    assert torch.isinf(res.best_err[:2]).all() and res.best_err[:2].gt(0).all()
+    assert torch.equal(res.best_err[2:], torch.zeros(2, dtype=torch.float64))
+    assert res.pct_nonfinite == 50.0
+    assert bool((res.best_x[:2, 0] > 0.5).all())

@@ -133,7 +133,10 @@ def _err_with_grad(model: Invertible, x: Tensor) -> tuple[Tensor, Tensor]:
         if bool(finite.any()):
             (g,) = torch.autograd.grad(err[finite].sum(), xx, allow_unused=True)
     g = torch.zeros_like(x) if g is None else torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0)
-    return err.detach(), g
+    # a NaN reconstruction (inf - inf, 0 * inf) is a non-finite one: inf, the attack's success; NaN
+    # stays reserved for inputs outside the domain or that could not run
+    err = torch.where(finite, err.detach(), torch.full_like(err.detach(), math.inf))
+    return err, g
 
 
 def _objective(model: Invertible, x: Tensor, active: Tensor):
