@@ -156,3 +156,25 @@ def test_paired_claim_with_an_infinite_baseline_counts_as_a_win():
     c = paired(runs, Claim("A < B", "e", {"m": "A"}, {"m": "B"}))
     assert c["n"] == 2 and c["skipped_seeds"] == 1 and c["wins"] == 1
     assert c["diffs"][0] == -math.inf and c["diffs"][1] == pytest.approx(1e-3)
+
+
+def test_a_claim_about_rows_no_seed_has_is_left_out(tmp_path, monkeypatch):
+    """pgd-range's ResFlow-conv claims apply to 28x28 data only: on data without that model the seed
+    summary leaves them out instead of printing a 0/0-seed line; a claim whose rows exist stays."""
+    from stableflows.experiments._common import Claim, Report
+
+    def fake(out_dir, *, quick=False, seed=0):
+        """Fake with rows A and B only."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = [{"model": "A", "e": 1.0 + 0.5 * seed}, {"model": "B", "e": 2.0}]
+        (out_dir / "summary.json").write_text(json.dumps({"rows": rows}))
+
+    rep = Report(keys=("model",), columns=("model", "e"),
+                 claims=(Claim("A beats B", "e", {"model": "A"}, {"model": "B"}),
+                         Claim("A beats C", "e", {"model": "A"}, {"model": "C"})))
+    monkeypatch.setattr("stableflows.experiments.registry", lambda: {"fake": fake})
+    monkeypatch.setattr("stableflows.experiments.reports", lambda: {"fake": rep})
+    assert reproduce.run(_args(name="fake", out=str(tmp_path), seeds="0,1", quick=False)) == 0
+    res = json.loads((tmp_path / "seeds.json").read_text())
+    assert [c["claim"] for c in res["claims"]] == ["A beats B"] and res["claims"][0]["wins"] == 2
+    assert "A beats C" not in (tmp_path / "seeds.md").read_text()

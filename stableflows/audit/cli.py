@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation clipping thresholds of the 'clipped' group (default: 1000,100,10)")
     parser.add_argument("--no-shadow", action="store_true", help="skip the float64 shadow computation")
     parser.add_argument("--no-localize", action="store_true", help="skip the per-layer localisation")
-    parser.add_argument("--attack", choices=("none", "pgd"), default="none", help="PGD attack beside a random search of the same budget; the verdict judges the worse "
+    parser.add_argument("--attack", choices=("none", "pgd"), default="none",
+                        help="PGD attack beside a random search of the same budget; the verdict judges the worse "
                              "point of the two per example (default: none)")
     parser.add_argument("--attack-constraints", default=",".join(constraints), metavar="LIST",
                         help=f"constraint sets among {', '.join(constraints)} (default: all)")

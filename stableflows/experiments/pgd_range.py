@@ -64,7 +64,8 @@ TRAIN_28 = dict(TRAIN, steps=2000, eval_every=500)
 SETTINGS = {"fashion-mnist": (MODELS_28, TRAIN_28, 0.02)}  # data -> (models, train, val_size); else digits'
 QUICK_MODELS = {"Glow": dict(MODELS["Glow"], hidden=8, levels=2, steps_per_level=1),
                 "ResFlow": dict(MODELS["ResFlow"], hidden=8, steps_per_level=2)}
-QUICK_MODELS_28 = dict(QUICK_MODELS, **{"ResFlow-conv": dict(CONV_RESFLOW, hidden=8, steps_per_level=1)})
+QUICK_SETTINGS = {"fashion-mnist": dict(QUICK_MODELS, **{"ResFlow-conv": dict(CONV_RESFLOW, hidden=8,
+                                                                                  steps_per_level=1)})}
 QUICK_TRAIN = dict(steps=6, batch_size=32, lr=1e-3, warmup=2, ema_decay=0.0, eval_every=3)
 ATTACK = dict(constraints=("cell", "range"), examples=64, steps=50, widen=WIDEN, baseline=True, seed=0)
 # The poster's table also reports test data and samples; 004's OOD sets are added (each 256 examples,
@@ -157,7 +158,7 @@ def pgd_range(out_dir: Path, *, quick: bool = False, seed: int = 0, data: str = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     full_models, full_train, val_size = SETTINGS.get(data, (MODELS, TRAIN, 0.1))
-    models = (QUICK_MODELS_28 if "ResFlow-conv" in full_models else QUICK_MODELS) if quick else full_models
+    models = QUICK_SETTINGS.get(data, QUICK_MODELS) if quick else full_models
     tkw = dict(QUICK_TRAIN if quick else full_train)
     rows, settings = [], {}
     note = None
